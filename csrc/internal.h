@@ -1,0 +1,94 @@
+/*
+ * internal.h -- declarations shared by the C core's files, not part of the
+ * public API.
+ */
+#ifndef RINGATTN_INTERNAL_H
+#define RINGATTN_INTERNAL_H
+
+#include "ringattn.h"
+
+/* Record a formatted message for ra_last_error() and return `status`. */
+ra_status ra_fail(ra_status status, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 2, 3)))
+#endif
+    ;
+
+/* Evaluate an ra_status expression and return it from the caller on failure. */
+#define RA_TRY(expr)                      \
+  do {                                    \
+    ra_status ra_try_s_ = (expr);         \
+    if (ra_try_s_ != RA_OK) return ra_try_s_; \
+  } while (0)
+
+/* ------------------------------------------------------------------- plan */
+
+/* The plan: the validated configuration plus what the schedule needs. */
+struct ra_plan {
+  ra_config cfg;          /* scale already resolved                        */
+  int64_t local_len;      /* L                                             */
+  ra_branch_info branch[RA_MAX_BRANCHES];
+  /* offset[i * num_heads + h]: offset of head h in branch i, -1 if unused */
+  int64_t *offset;
+};
+
+/* The active tokens of one cell inside a window of positions: those p in
+ * [start, start + len) with ((p mod S) mod r) == off.  The window never
+ * crosses a segment boundary.  first is relative to the window start. */
+typedef struct ra_run {
+  int64_t first, count;
+} ra_run;
+ra_run ra_active_run(int64_t segment, int64_t rate, int64_t off,
+                     int64_t start, int64_t len);
+
+/* Bytes of one element of a dtype. */
+size_t ra_dtype_size(ra_dtype dtype);
+
+/* ----------------------------------------------------------------- memory */
+
+/* Allocations counted against a rank's ra_stats (64-byte aligned, zeroed
+ * when asked).  ra_hold/ra_release count memory the caller owns. */
+void *ra_alloc(ra_stats *stats, size_t bytes);
+void ra_free(ra_stats *stats, void *ptr, size_t bytes);
+void ra_hold(ra_stats *stats, int64_t bytes);
+void ra_release(ra_stats *stats, int64_t bytes);
+
+/* ------------------------------------------------------------ CPU kernel */
+
+/* One run of tokens of one (batch, head): token t is at ptr + t*stride
+ * elements and has global position pos0 + t*rate. */
+typedef struct ra_tokens {
+  const void *ptr;
+  int64_t stride;
+  int64_t count;
+  int64_t pos0;
+} ra_tokens;
+
+/* Per-thread scratch of the CPU kernel. */
+typedef struct ra_workspace ra_workspace;
+size_t ra_workspace_bytes(int64_t head_dim);
+ra_workspace *ra_workspace_init(void *mem, int64_t head_dim);
+
+/* Attend a run of queries to a run of keys/values of the same cell and merge
+ * the result into the accumulated rows acc (fp32, row t at acc + t*acc_stride)
+ * and their log-sum-exp (lse + t*lse_stride).  `rate` is the position step
+ * of both runs; with `causal` a key is visible when its position <= the
+ * query's. */
+void ra_cpu_attend(ra_workspace *ws, ra_dtype dtype, int64_t head_dim,
+                   float scale, int causal, int64_t rate, ra_tokens q,
+                   ra_tokens k, const void *v, int64_t v_stride, float *acc,
+                   int64_t acc_stride, float *lse, int64_t lse_stride);
+
+/* Largest number of queries the kernel takes in one call (a query block). */
+#define RA_CPU_BLOCK_Q 64
+
+/* ------------------------------------------------------------ conversions */
+
+/* Nonzero when every element of a (b, n, h, d) tensor is finite. */
+int ra_tensor_finite(ra_tensor t, ra_dtype dtype, int64_t b, int64_t n,
+                     int64_t h, int64_t d, int num_threads);
+
+/* Write fp32 rows into a tensor of `dtype` (rounding to nearest even). */
+void ra_store_row(void *dst, ra_dtype dtype, const float *src, int64_t d);
+
+#endif /* RINGATTN_INTERNAL_H */

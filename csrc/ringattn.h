@@ -1,0 +1,211 @@
+/*
+ * ringattn.h -- the one public header of the ringattn C core.
+ *
+ * Exact ring dilated attention.  A *plan* is built from a configuration and
+ * validated once; a *transport* moves key/value blocks between ranks; the
+ * ring driver runs one rank's share of the work given that rank's shards.
+ * Every function returns an ra_status; on failure ra_last_error() gives a
+ * human-readable message for the calling thread (NCCL style).
+ *
+ * The function computed is the one in docs/semantics.md: dilated attention
+ * with G branches (segment length s_i, dilation rate r_i) in "groups" or
+ * "longnet" mode, causal or not, over tensors laid out (batch, seq, head,
+ * dim) with the head dimension contiguous.
+ */
+#ifndef RINGATTN_H
+#define RINGATTN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define RINGATTN_VERSION_MAJOR 0
+#define RINGATTN_VERSION_MINOR 1
+#define RINGATTN_VERSION_PATCH 0
+
+/* ---------------------------------------------------------------- status */
+
+typedef enum ra_status {
+  RA_OK = 0,
+  RA_ERR_INVALID_ARGUMENT = 1, /* a configuration or tensor argument breaks a rule */
+  RA_ERR_UNSUPPORTED = 2,      /* valid, but this build/backend cannot do it    */
+  RA_ERR_OUT_OF_MEMORY = 3,
+  RA_ERR_TRANSPORT = 4,        /* a send/receive failed, or a peer rank failed  */
+  RA_ERR_NONFINITE = 5,        /* an input holds NaN or Inf (nan_policy=raise)  */
+  RA_ERR_INTERNAL = 6
+} ra_status;
+
+/* Short fixed description of a status code ("invalid argument", ...). */
+const char *ra_status_string(ra_status status);
+
+/* Detailed message of the last failure on the calling thread ("" if none). */
+const char *ra_last_error(void);
+
+/* ------------------------------------------------------------ configuration */
+
+typedef enum ra_dtype {
+  RA_FLOAT32 = 0,
+  RA_FLOAT16 = 1,
+  RA_BFLOAT16 = 2 /* CUDA backends only */
+} ra_dtype;
+
+typedef enum ra_mode {
+  RA_MODE_GROUPS = 0,  /* heads split into G groups, one branch per group   */
+  RA_MODE_LONGNET = 1  /* every head in every branch, softmax-denominator mix */
+} ra_mode;
+
+#define RA_MAX_BRANCHES 16
+
+typedef struct ra_config {
+  int64_t batch, seq_len, num_heads, head_dim; /* b, n, h, d (full sequence) */
+  int num_branches;                            /* G                          */
+  int64_t segment_lengths[RA_MAX_BRANCHES];
+  int64_t dilation_rates[RA_MAX_BRANCHES];
+  int causal;
+  ra_mode mode;
+  double scale;   /* softmax scale; 0 means 1/sqrt(head_dim) */
+  int world_size; /* k ranks, each holding seq_len / k positions */
+  ra_dtype dtype;
+} ra_config;
+
+/* Fill a config with defaults (non-causal, groups, default scale, 1 rank, fp32). */
+void ra_config_init(ra_config *cfg);
+
+/* ---------------------------------------------------------------------- plan */
+
+typedef struct ra_plan ra_plan;
+
+/* Validate cfg against every rule of the semantics and build the schedule.
+ * On RA_ERR_INVALID_ARGUMENT the message names the offending field. */
+ra_status ra_plan_create(const ra_config *cfg, ra_plan **plan);
+void ra_plan_destroy(ra_plan *plan);
+
+/* The configuration the plan was built from (effective scale filled in). */
+const ra_config *ra_plan_config(const ra_plan *plan);
+
+/* Positions per rank, L = n / k. */
+int64_t ra_plan_local_len(const ra_plan *plan);
+
+/* How branch i is distributed: span = S_i / L ranks exchange keys/values
+ * (span 1 means the branch is local and never communicates). */
+typedef struct ra_branch_info {
+  int64_t segment;   /* effective segment length S_i = min(s_i, n) */
+  int64_t rate;      /* r_i */
+  int64_t span;      /* ranks per segment; 1 when L % S_i == 0     */
+  int64_t head_begin, head_end; /* heads taking part: [begin, end) */
+} ra_branch_info;
+ra_status ra_plan_branch(const ra_plan *plan, int branch, ra_branch_info *info);
+
+/* Offset of head h in branch i, or -1 when the head does not use the branch. */
+int64_t ra_plan_head_offset(const ra_plan *plan, int branch, int64_t head);
+
+/* ------------------------------------------------------------------ tensors */
+
+/* A (batch, seq, head, dim) tensor of the plan's dtype.  Strides are in
+ * elements; the head dimension is contiguous (stride 1). */
+typedef struct ra_tensor {
+  void *data;
+  int64_t stride_b, stride_n, stride_h;
+} ra_tensor;
+
+/* --------------------------------------------------------------- statistics */
+
+/* What one rank held and moved during a call.  Bytes held include the rank's
+ * shards of q, k, v and o (and lse when requested), which the caller owns. */
+typedef struct ra_stats {
+  int64_t peak_bytes;     /* high-water mark of bytes held               */
+  int64_t current_bytes;  /* bytes held now (0 after a clean call)       */
+  int64_t bytes_sent;
+  int64_t bytes_received;
+  int64_t steps;          /* (branch, ring step) blocks computed         */
+  int64_t steps_skipped;  /* blocks skipped: nothing visible (causal)    */
+} ra_stats;
+
+/* ---------------------------------------------------------------- transport */
+
+/* Opaque space for one outstanding operation of a transport. */
+typedef struct ra_request {
+  void *handle;
+  uint64_t words[3];
+} ra_request;
+
+/* A transport connects `world_size` ranks.  isend/irecv start an operation
+ * and return at once; the buffer must stay untouched until wait() returns.
+ * Messages between one pair of ranks with one tag arrive in order.  A send
+ * may complete only once its receiver waits for it (a rendezvous), so a
+ * rank waits for its receives before its sends. */
+typedef struct ra_transport_ops {
+  const char *name;
+  ra_status (*isend)(void *ctx, const void *buf, size_t bytes, int dst, int tag,
+                     ra_request *req);
+  ra_status (*irecv)(void *ctx, void *buf, size_t bytes, int src, int tag,
+                     ra_request *req);
+  ra_status (*wait)(void *ctx, ra_request *req);
+  /* Tell the peers this rank failed so that none waits forever (may be NULL). */
+  void (*abort)(void *ctx);
+} ra_transport_ops;
+
+typedef struct ra_transport {
+  const ra_transport_ops *ops;
+  void *ctx;
+  int rank, world_size;
+} ra_transport;
+
+/* In-process transport: world_size ranks that are threads of this process. */
+typedef struct ra_inproc_world ra_inproc_world;
+ra_status ra_inproc_world_create(int world_size, ra_inproc_world **world);
+void ra_inproc_world_destroy(ra_inproc_world *world);
+/* The transport endpoint of one rank of the world. */
+ra_transport ra_inproc_transport(ra_inproc_world *world, int rank);
+
+/* ------------------------------------------------------------------ running */
+
+typedef struct ra_exec {
+  int num_threads;   /* compute threads for this rank; <= 0 means all cores */
+  int check_finite;  /* nonzero: refuse NaN/Inf inputs (RA_ERR_NONFINITE)   */
+} ra_exec;
+
+/* Run one rank of the ring.  q, k, v, o are this rank's shards, holding
+ * positions [rank*L, (rank+1)*L).  lse, if not NULL, receives the
+ * log-sum-exp of every output row as float32 laid out (batch, head, L),
+ * consecutive (batch, head) rows lse_ld floats apart (lse_ld >= L); rows
+ * attending to nothing get 0 output and -inf.  Every rank of the transport
+ * must make the same call with the same plan.  On failure the rank tells
+ * its peers through transport->ops->abort so that none of them hangs. */
+ra_status ra_ring_forward(const ra_plan *plan, const ra_transport *transport,
+                          ra_tensor q, ra_tensor k, ra_tensor v, ra_tensor o,
+                          float *lse, int64_t lse_ld, const ra_exec *exec,
+                          ra_stats *stats);
+
+/* Run all world_size ranks of the plan in this process, one thread each,
+ * over the in-process transport.  q, k, v, o are full-length tensors; each
+ * rank sees only its own shard of them.  lse (batch, head, n) may be NULL.
+ * stats, if not NULL, has world_size entries.  exec->num_threads is shared
+ * among the ranks. */
+ra_status ra_inproc_forward(const ra_plan *plan, ra_tensor q, ra_tensor k,
+                            ra_tensor v, ra_tensor o, float *lse,
+                            const ra_exec *exec, ra_stats *stats);
+
+/* --------------------------------------------------------------------- merge */
+
+/* Merge a partial attention result into an accumulated one by log-sum-exp:
+ * acc <- (e^lse_acc acc + e^lse_part part) / e^lse_new for `rows` rows of
+ * `dim` floats, rows spaced acc_stride / part_stride floats apart.  -inf
+ * means "no keys yet"; merging two -inf rows gives a zero row. */
+void ra_merge_rows(float *acc, int64_t acc_stride, float *lse_acc,
+                   int64_t lse_acc_stride, const float *part,
+                   int64_t part_stride, const float *lse_part, int64_t rows,
+                   int64_t dim);
+
+/* ------------------------------------------------------------------- threads */
+
+/* Number of cores the CPU kernels use by default (after RINGATTN_NUM_THREADS). */
+int ra_default_num_threads(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* RINGATTN_H */

@@ -1,0 +1,31 @@
+"""ringattn: exact ring dilated attention.
+
+    import ringattn
+    o = ringattn.dilated_attention(q, k, v, [2048, 4096], [1, 2], causal=True)
+    ring = ringattn.RingDilatedAttention([2048, 4096], [1, 2], causal=True, world_size=4)
+    o = ring(q, k, v); ring.last_stats["peak_bytes"]
+
+See docs/ for the semantics, the ring schedule and the measurements.
+"""
+
+from ._core import RingAttnError
+from ._api import (
+    RingDilatedAttention,
+    dilated_attention,
+    gather_sequence,
+    get_num_threads,
+    set_num_threads,
+    split_sequence,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "RingAttnError",
+    "RingDilatedAttention",
+    "dilated_attention",
+    "gather_sequence",
+    "get_num_threads",
+    "set_num_threads",
+    "split_sequence",
+]

@@ -1,0 +1,120 @@
+"""The public functions and classes of ringattn (re-exported by __init__)."""
+
+import numpy as np
+
+from . import _core
+from . import _validate as check
+
+_threads = {"n": 0}  # 0: the core's default (RINGATTN_NUM_THREADS or all cores)
+
+
+def set_num_threads(n):
+    """Set how many threads the CPU kernels use (None restores the default)."""
+    _threads["n"] = check.num_threads(n)
+
+
+def get_num_threads():
+    """Threads the CPU kernels use when a call does not say."""
+    return _threads["n"] or _core.default_num_threads()
+
+
+def _run(q, k, v, segs, rates, causal, mode, scale, world_size, nan_policy, num_threads,
+         return_lse, out):
+    q, k, v = check.qkv(q, k, v)
+    out = check.out_array(out, q)
+    b, n, h, _ = q.shape
+    lse = np.empty((b, h, n), dtype=np.float32) if return_lse else None
+    threads = check.num_threads(num_threads) or _threads["n"]
+    stats = _core.forward(q=q, k=k, v=v, out=out, lse=lse, segment_lengths=segs,
+                          dilation_rates=rates, causal=bool(causal), mode=mode, scale=scale,
+                          world_size=world_size, num_threads=threads, check_finite=nan_policy)
+    return (out, lse) if return_lse else out, stats
+
+
+def dilated_attention(q, k, v, segment_lengths, dilation_rates, *, causal=False, mode="groups",
+                      scale=None, nan_policy="raise", return_lse=False, num_threads=None, out=None):
+    """Dilated attention of q, k, v laid out (batch, seq, heads, head_dim).
+
+    segment_lengths / dilation_rates give the branches (s_i, r_i); mode is
+    "groups" (heads split among branches) or "longnet" (every head in every
+    branch, combined by softmax denominators).  segment_lengths=[n],
+    dilation_rates=[1] is plain attention.  Inputs are float32 or float16;
+    the output has the input's dtype and is computed in float32.  With
+    return_lse=True the log-sum-exp of every row, float32 (batch, heads, seq),
+    is returned as well (-inf where a query attends to nothing).
+    nan_policy="raise" refuses NaN/Inf inputs; "propagate" skips the check.
+    """
+    segs, rates = check.branches(segment_lengths, dilation_rates)
+    result, _ = _run(q, k, v, segs, rates, causal, check.mode(mode), check.scale(scale), 1,
+                     check.nan_policy(nan_policy), num_threads, return_lse, out)
+    return result
+
+
+class RingDilatedAttention:
+    """Ring dilated attention over `world_size` ranks.
+
+    Calling it with full-length q, k, v runs world_size ranks in this process
+    (one thread each): rank j holds only positions [j*L, (j+1)*L) of q, k, v
+    and o, and key/value blocks travel the ring through the core's in-process
+    transport.  The full output is returned; it equals dilated_attention's.
+    After a call, last_stats maps "peak_bytes", "bytes_sent",
+    "bytes_received", "steps" and "steps_skipped" to one int per rank.
+    """
+
+    def __init__(self, segment_lengths, dilation_rates, *, causal=False, mode="groups", scale=None,
+                 world_size=1, nan_policy="raise", num_threads=None):
+        self.segment_lengths, self.dilation_rates = check.branches(segment_lengths, dilation_rates)
+        self.causal = bool(causal)
+        self.mode = mode
+        self._mode = check.mode(mode)
+        self.scale = scale
+        self._scale = check.scale(scale)
+        self.world_size = check.positive_int(world_size, "world_size")
+        self.nan_policy = nan_policy
+        self._check = check.nan_policy(nan_policy)
+        self.num_threads = None if num_threads is None else check.num_threads(num_threads)
+        self.last_stats = None
+
+    def __repr__(self):
+        return (f"RingDilatedAttention(segment_lengths={self.segment_lengths}, "
+                f"dilation_rates={self.dilation_rates}, causal={self.causal}, mode={self.mode!r}, "
+                f"scale={self.scale}, world_size={self.world_size})")
+
+    def plan(self, q_shape):
+        """The schedule for inputs of shape (b, n, h, d): local length, and per
+        branch its segment, rate, span (ranks per segment) and heads."""
+        b, n, h, d = (int(x) for x in q_shape)
+        return _core.plan(b, n, h, d, self.segment_lengths, self.dilation_rates, self.causal,
+                          self._mode, self._scale, self.world_size)
+
+    def __call__(self, q, k, v, *, return_lse=False, out=None):
+        result, stats = _run(q, k, v, self.segment_lengths, self.dilation_rates, self.causal,
+                             self._mode, self._scale, self.world_size, self._check, self.num_threads,
+                             return_lse, out)
+        self.last_stats = {key: [s[key] for s in stats] for key in stats[0]}
+        return result
+
+
+def split_sequence(x, world_size, rank):
+    """Rank `rank`'s shard of x along the sequence axis (axis 1): a view."""
+    world_size = check.positive_int(world_size, "world_size")
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)):
+        raise TypeError(f"rank must be an integer, got {rank!r}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    x = np.asarray(x)
+    if x.ndim < 2:
+        raise ValueError(f"x must have a sequence axis (axis 1), got shape {x.shape}")
+    n = x.shape[1]
+    if n % world_size:
+        raise ValueError(f"world_size={world_size} does not divide the sequence length {n}")
+    L = n // world_size
+    return x[:, rank * L:(rank + 1) * L]
+
+
+def gather_sequence(shards):
+    """Concatenate per-rank shards along the sequence axis (axis 1)."""
+    shards = list(shards)
+    if not shards:
+        raise ValueError("shards must not be empty")
+    return np.concatenate([np.asarray(s) for s in shards], axis=1)

@@ -1,0 +1,264 @@
+/*
+ * _core.c -- the CPython extension: conversion between NumPy arrays and the
+ * C core, nothing else.  Argument rules are checked in ringattn/_validate.py
+ * (for friendly messages) and again by the core (so that no call can crash);
+ * a core failure becomes a Python exception carrying ra_last_error().
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <numpy/arrayobject.h>
+
+#include "ringattn.h"
+
+static PyObject *RingAttnError; /* ringattn.RingAttnError */
+
+/* Raise the Python exception matching a core status. */
+static PyObject *raise_status(ra_status st) {
+  PyObject *type = RingAttnError;
+  switch (st) {
+    case RA_ERR_INVALID_ARGUMENT:
+    case RA_ERR_NONFINITE: type = PyExc_ValueError; break;
+    case RA_ERR_UNSUPPORTED: type = PyExc_TypeError; break;
+    case RA_ERR_OUT_OF_MEMORY: type = PyExc_MemoryError; break;
+    default: break;
+  }
+  PyErr_Format(type, "%s", ra_last_error());
+  return NULL;
+}
+
+/* Read a sequence of ints into dst (at most RA_MAX_BRANCHES). */
+static int read_ints(PyObject *seq, const char *name, int64_t *dst, int *count) {
+  PyObject *fast = PySequence_Fast(seq, name);
+  if (!fast) return -1;
+  Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+  if (n > RA_MAX_BRANCHES) {
+    Py_DECREF(fast);
+    PyErr_Format(PyExc_ValueError, "%s: at most %d branches are supported, got %zd", name, RA_MAX_BRANCHES, n);
+    return -1;
+  }
+  for (Py_ssize_t i = 0; i < n; i++) {
+    long long v = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(fast, i));
+    if (v == -1 && PyErr_Occurred()) {
+      Py_DECREF(fast);
+      return -1;
+    }
+    dst[i] = v;
+  }
+  Py_DECREF(fast);
+  *count = (int)n;
+  return 0;
+}
+
+static int dtype_code(PyArrayObject *a, ra_dtype *out) {
+  switch (PyArray_TYPE(a)) {
+    case NPY_FLOAT32: *out = RA_FLOAT32; return 0;
+    case NPY_FLOAT16: *out = RA_FLOAT16; return 0;
+    default: return -1;
+  }
+}
+
+/* A (b, n, h, d) array as a core tensor; the last axis must be contiguous. */
+static int as_tensor(PyObject *obj, const char *name, ra_dtype dtype, const npy_intp *shape,
+                     int writable, ra_tensor *t) {
+  if (!PyArray_Check(obj)) {
+    PyErr_Format(PyExc_TypeError, "%s must be a numpy.ndarray", name);
+    return -1;
+  }
+  PyArrayObject *a = (PyArrayObject *)obj;
+  ra_dtype dt;
+  if (PyArray_NDIM(a) != 4 || dtype_code(a, &dt) != 0 || dt != dtype) {
+    PyErr_Format(PyExc_TypeError, "%s must be a 4-d array of the dtype of q", name);
+    return -1;
+  }
+  const npy_intp *dims = PyArray_DIMS(a), *st = PyArray_STRIDES(a);
+  npy_intp es = PyArray_ITEMSIZE(a);
+  for (int i = 0; i < 4; i++)
+    if (dims[i] != shape[i]) {
+      PyErr_Format(PyExc_ValueError, "%s must have the shape of q", name);
+      return -1;
+    }
+  if (st[3] != es || st[0] % es || st[1] % es || st[2] % es || st[0] < 0 || st[1] < 0 || st[2] < 0 ||
+      ((uintptr_t)PyArray_DATA(a)) % (uintptr_t)es) {
+    PyErr_Format(PyExc_ValueError, "%s: the head dimension must be contiguous, aligned, with non-negative strides", name);
+    return -1;
+  }
+  if (writable && !PyArray_ISWRITEABLE(a)) {
+    PyErr_Format(PyExc_ValueError, "%s is not writeable", name);
+    return -1;
+  }
+  t->data = PyArray_DATA(a);
+  t->stride_b = st[0] / es;
+  t->stride_n = st[1] / es;
+  t->stride_h = st[2] / es;
+  return 0;
+}
+
+static PyObject *stats_tuple(const ra_stats *s, int n) {
+  PyObject *out = PyTuple_New(n);
+  if (!out) return NULL;
+  for (int i = 0; i < n; i++) {
+    PyObject *item = Py_BuildValue("{sLsLsLsLsL}", "peak_bytes", (long long)s[i].peak_bytes,
+                                   "bytes_sent", (long long)s[i].bytes_sent, "bytes_received",
+                                   (long long)s[i].bytes_received, "steps", (long long)s[i].steps,
+                                   "steps_skipped", (long long)s[i].steps_skipped);
+    if (!item) {
+      Py_DECREF(out);
+      return NULL;
+    }
+    PyTuple_SET_ITEM(out, i, item);
+  }
+  return out;
+}
+
+/* Fill a config from the keyword form shared by plan() and forward(). */
+static int read_config(ra_config *cfg, PyObject *segs, PyObject *rates, int causal, int mode,
+                       double scale, int world_size) {
+  int ns = 0, nr = 0;
+  if (read_ints(segs, "segment_lengths", cfg->segment_lengths, &ns) ||
+      read_ints(rates, "dilation_rates", cfg->dilation_rates, &nr))
+    return -1;
+  if (ns != nr) {
+    PyErr_Format(PyExc_ValueError, "dilation_rates: %d values for %d segment_lengths", nr, ns);
+    return -1;
+  }
+  cfg->num_branches = ns;
+  cfg->causal = causal;
+  cfg->mode = (ra_mode)mode;
+  cfg->scale = scale;
+  cfg->world_size = world_size;
+  return 0;
+}
+
+static PyObject *py_plan(PyObject *self, PyObject *args, PyObject *kw) {
+  (void)self;
+  static char *names[] = {"batch", "seq_len", "num_heads", "head_dim", "segment_lengths",
+                          "dilation_rates", "causal", "mode", "scale", "world_size", NULL};
+  long long b, n, h, d;
+  PyObject *segs, *rates;
+  int causal, mode, world;
+  double scale;
+  if (!PyArg_ParseTupleAndKeywords(args, kw, "LLLLOOpidi", names, &b, &n, &h, &d, &segs, &rates,
+                                   &causal, &mode, &scale, &world))
+    return NULL;
+  ra_config cfg;
+  ra_config_init(&cfg);
+  cfg.batch = b;
+  cfg.seq_len = n;
+  cfg.num_heads = h;
+  cfg.head_dim = d;
+  if (read_config(&cfg, segs, rates, causal, mode, scale, world)) return NULL;
+  ra_plan *plan;
+  ra_status st = ra_plan_create(&cfg, &plan);
+  if (st != RA_OK) return raise_status(st);
+  PyObject *branches = PyList_New(cfg.num_branches);
+  for (int i = 0; branches && i < cfg.num_branches; i++) {
+    ra_branch_info bi;
+    ra_plan_branch(plan, i, &bi);
+    PyList_SET_ITEM(branches, i, Py_BuildValue("{sLsLsLsLsL}", "segment", (long long)bi.segment,
+                                               "rate", (long long)bi.rate, "span", (long long)bi.span,
+                                               "head_begin", (long long)bi.head_begin, "head_end",
+                                               (long long)bi.head_end));
+  }
+  PyObject *out = branches ? Py_BuildValue("{sLsdsN}", "local_len", (long long)ra_plan_local_len(plan),
+                                           "scale", ra_plan_config(plan)->scale, "branches", branches)
+                           : NULL;
+  ra_plan_destroy(plan);
+  return out;
+}
+
+static PyObject *py_forward(PyObject *self, PyObject *args, PyObject *kw) {
+  (void)self;
+  static char *names[] = {"q", "k", "v", "out", "lse", "segment_lengths", "dilation_rates", "causal",
+                          "mode", "scale", "world_size", "num_threads", "check_finite", NULL};
+  PyObject *qo, *ko, *vo, *oo, *lo, *segs, *rates;
+  int causal, mode, world, threads, check;
+  double scale;
+  if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOOpidiip", names, &qo, &ko, &vo, &oo, &lo, &segs,
+                                   &rates, &causal, &mode, &scale, &world, &threads, &check))
+    return NULL;
+  if (!PyArray_Check(qo)) return PyErr_Format(PyExc_TypeError, "q must be a numpy.ndarray");
+  PyArrayObject *qa = (PyArrayObject *)qo;
+  ra_config cfg;
+  ra_config_init(&cfg);
+  if (PyArray_NDIM(qa) != 4 || dtype_code(qa, &cfg.dtype) != 0)
+    return PyErr_Format(PyExc_TypeError, "q must be a 4-d float32 or float16 array");
+  const npy_intp *shape = PyArray_DIMS(qa);
+  cfg.batch = shape[0];
+  cfg.seq_len = shape[1];
+  cfg.num_heads = shape[2];
+  cfg.head_dim = shape[3];
+  if (read_config(&cfg, segs, rates, causal, mode, scale, world)) return NULL;
+
+  ra_tensor q, k, v, o;
+  if (as_tensor(qo, "q", cfg.dtype, shape, 0, &q) || as_tensor(ko, "k", cfg.dtype, shape, 0, &k) ||
+      as_tensor(vo, "v", cfg.dtype, shape, 0, &v) || as_tensor(oo, "out", cfg.dtype, shape, 1, &o))
+    return NULL;
+  float *lse = NULL;
+  if (lo != Py_None) {
+    PyArrayObject *la = (PyArrayObject *)lo;
+    if (!PyArray_Check(lo) || PyArray_TYPE(la) != NPY_FLOAT32 || PyArray_NDIM(la) != 3 ||
+        !PyArray_IS_C_CONTIGUOUS(la) || !PyArray_ISWRITEABLE(la) || PyArray_DIMS(la)[0] != shape[0] ||
+        PyArray_DIMS(la)[1] != shape[2] || PyArray_DIMS(la)[2] != shape[1])
+      return PyErr_Format(PyExc_ValueError, "lse must be a writeable C-contiguous float32 array (b, h, n)");
+    lse = PyArray_DATA(la);
+  }
+
+  ra_plan *plan;
+  ra_status st = ra_plan_create(&cfg, &plan);
+  if (st != RA_OK) return raise_status(st);
+  ra_stats *stats = PyMem_Calloc((size_t)cfg.world_size, sizeof *stats);
+  if (!stats) {
+    ra_plan_destroy(plan);
+    return PyErr_NoMemory();
+  }
+  ra_exec exec = {threads, check};
+  Py_BEGIN_ALLOW_THREADS
+  st = ra_inproc_forward(plan, q, k, v, o, lse, &exec, stats);
+  Py_END_ALLOW_THREADS
+  ra_plan_destroy(plan);
+  PyObject *out = st == RA_OK ? stats_tuple(stats, cfg.world_size) : raise_status(st);
+  PyMem_Free(stats);
+  return out;
+}
+
+static PyObject *py_default_num_threads(PyObject *self, PyObject *unused) {
+  (void)self;
+  (void)unused;
+  return PyLong_FromLong(ra_default_num_threads());
+}
+
+static PyObject *py_status_string(PyObject *self, PyObject *arg) {
+  (void)self;
+  long code = PyLong_AsLong(arg);
+  if (code == -1 && PyErr_Occurred()) return NULL;
+  return PyUnicode_FromString(ra_status_string((ra_status)code));
+}
+
+static PyMethodDef methods[] = {
+    {"plan", (PyCFunction)(void (*)(void))py_plan, METH_VARARGS | METH_KEYWORDS,
+     "Validate a configuration; return its schedule (local_len, scale, branches)."},
+    {"forward", (PyCFunction)(void (*)(void))py_forward, METH_VARARGS | METH_KEYWORDS,
+     "Run all ranks in process; write out (and lse); return per-rank stats."},
+    {"default_num_threads", py_default_num_threads, METH_NOARGS, "Cores the CPU kernels use by default."},
+    {"status_string", py_status_string, METH_O, "Description of a core status code."},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "ringattn._core",
+                                    "C core of ringattn (private; use the ringattn package).", -1, methods,
+                                    NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__core(void) {
+  import_array();
+  PyObject *m = PyModule_Create(&module);
+  if (!m) return NULL;
+  RingAttnError = PyErr_NewExceptionWithDoc("ringattn.RingAttnError",
+                                            "A failure inside the ringattn core (transport, internal).",
+                                            PyExc_RuntimeError, NULL);
+  if (!RingAttnError || PyModule_AddObject(m, "RingAttnError", RingAttnError) < 0) {
+    Py_XDECREF(RingAttnError);
+    Py_DECREF(m);
+    return NULL;
+  }
+  Py_INCREF(RingAttnError);
+  return m;
+}

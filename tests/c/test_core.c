@@ -1,0 +1,333 @@
+/*
+ * test_core.c -- unit tests of the C core, run by `meson test`.
+ *
+ * A minimal harness: each test is a function; CHECK records a failure with
+ * its line and carries on.  The last line printed is "N passed, N failed".
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "naive.h"
+#include "ringattn.h"
+
+static int failures_in_test;
+
+#define CHECK(cond)                                                   \
+  do {                                                                \
+    if (!(cond)) {                                                    \
+      fprintf(stderr, "  %s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
+      failures_in_test++;                                             \
+    }                                                                 \
+  } while (0)
+
+static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
+static float uniform(void) { /* xorshift64*, in [-1, 1) */
+  rng_state ^= rng_state >> 12;
+  rng_state ^= rng_state << 25;
+  rng_state ^= rng_state >> 27;
+  return (float)((rng_state * 2685821657736338717ull) >> 40) / (float)(1 << 23) - 1.0f;
+}
+
+static float *random_tensor(int64_t count) {
+  float *x = malloc(sizeof(float) * (size_t)count);
+  for (int64_t i = 0; i < count; i++) x[i] = 2.0f * uniform();
+  return x;
+}
+
+static ra_config make_config(int64_t b, int64_t n, int64_t h, int64_t d, int G,
+                             const int64_t *s, const int64_t *r, int causal,
+                             ra_mode mode, int world) {
+  ra_config c;
+  ra_config_init(&c);
+  c.batch = b;
+  c.seq_len = n;
+  c.num_heads = h;
+  c.head_dim = d;
+  c.num_branches = G;
+  for (int i = 0; i < G; i++) {
+    c.segment_lengths[i] = s[i];
+    c.dilation_rates[i] = r[i];
+  }
+  c.causal = causal;
+  c.mode = mode;
+  c.world_size = world;
+  return c;
+}
+
+static ra_tensor contiguous(void *data, const ra_config *c) {
+  ra_tensor t = {data, c->seq_len * c->num_heads * c->head_dim, c->num_heads * c->head_dim, c->head_dim};
+  return t;
+}
+
+/* Run the in-process ring on random inputs and compare with naive(); returns
+ * the largest absolute error of o, or +inf on a failed call. */
+static double ring_error(const ra_config *c, ra_stats *stats, double *lse_err) {
+  int64_t count = c->batch * c->seq_len * c->num_heads * c->head_dim;
+  int64_t rows = c->batch * c->num_heads * c->seq_len;
+  float *q = random_tensor(count), *k = random_tensor(count), *v = random_tensor(count);
+  float *o = malloc(sizeof(float) * (size_t)count), *lse = malloc(sizeof(float) * (size_t)rows);
+  double *ref = malloc(sizeof(double) * (size_t)count), *ref_lse = malloc(sizeof(double) * (size_t)rows);
+  for (int64_t i = 0; i < count; i++) o[i] = NAN; /* poison: unwritten output fails */
+  for (int64_t i = 0; i < rows; i++) lse[i] = NAN;
+  double err = INFINITY;
+  ra_plan *plan = NULL;
+  if (ra_plan_create(c, &plan) == RA_OK) {
+    ra_exec exec = {2, 1};
+    ra_status st = ra_inproc_forward(plan, contiguous(q, c), contiguous(k, c), contiguous(v, c),
+                                     contiguous(o, c), lse, &exec, stats);
+    if (st == RA_OK) {
+      naive_attention(c, q, k, v, ref, ref_lse);
+      err = 0;
+      *lse_err = 0;
+      for (int64_t i = 0; i < count; i++) {
+        double e = fabs((double)o[i] - ref[i]);
+        if (!(e <= err)) err = e; /* NaN counts as failure */
+      }
+      for (int64_t i = 0; i < rows; i++) {
+        double e = isinf(ref_lse[i]) ? (lse[i] == ref_lse[i] ? 0 : INFINITY) : fabs((double)lse[i] - ref_lse[i]);
+        if (!(e <= *lse_err)) *lse_err = e;
+      }
+    } else {
+      fprintf(stderr, "  forward failed: %s\n", ra_last_error());
+    }
+  }
+  ra_plan_destroy(plan);
+  free(q); free(k); free(v); free(o); free(lse); free(ref); free(ref_lse);
+  return err;
+}
+
+/* ------------------------------------------------------------------ tests */
+
+static void test_status_strings(void) {
+  CHECK(strcmp(ra_status_string(RA_OK), "no error") == 0);
+  CHECK(strcmp(ra_status_string(RA_ERR_INVALID_ARGUMENT), "invalid argument") == 0);
+  CHECK(strcmp(ra_status_string((ra_status)999), "unknown status") == 0);
+}
+
+static void expect_invalid(ra_config c, const char *needle) {
+  ra_plan *plan = (ra_plan *)1;
+  ra_status st = ra_plan_create(&c, &plan);
+  CHECK(st == RA_ERR_INVALID_ARGUMENT);
+  CHECK(plan == NULL);
+  if (!strstr(ra_last_error(), needle)) {
+    fprintf(stderr, "  message \"%s\" does not name \"%s\"\n", ra_last_error(), needle);
+    failures_in_test++;
+  }
+}
+
+static void test_plan_validation(void) {
+  int64_t s[2] = {8, 16}, r[2] = {1, 2};
+  ra_config ok = make_config(1, 32, 4, 8, 2, s, r, 0, RA_MODE_GROUPS, 2);
+  ra_plan *plan;
+  CHECK(ra_plan_create(&ok, &plan) == RA_OK);
+  ra_branch_info bi;
+  CHECK(ra_plan_branch(plan, 0, &bi) == RA_OK && bi.span == 1 && bi.head_begin == 0 && bi.head_end == 2);
+  CHECK(ra_plan_branch(plan, 1, &bi) == RA_OK && bi.span == 1 && bi.head_begin == 2 && bi.head_end == 4);
+  CHECK(ra_plan_head_offset(plan, 1, 3) == 1 && ra_plan_head_offset(plan, 1, 0) == -1);
+  CHECK(fabs(ra_plan_config(plan)->scale - 1.0 / sqrt(8.0)) < 1e-15);
+  ra_plan_destroy(plan);
+
+  ra_config c = ok;
+  c.seq_len = 24; /* 24 % 16 != 0 */
+  expect_invalid(c, "segment_lengths[1]");
+  c = ok;
+  c.dilation_rates[1] = 3;
+  expect_invalid(c, "dilation_rates[1]");
+  c = ok;
+  c.segment_lengths[0] = 0;
+  expect_invalid(c, "segment_lengths[0]");
+  c = ok;
+  c.num_heads = 1;
+  expect_invalid(c, "groups");
+  c = ok;
+  c.world_size = 3;
+  expect_invalid(c, "world_size");
+  c = ok;
+  c.world_size = 0;
+  expect_invalid(c, "world_size");
+  c = ok;
+  c.scale = INFINITY;
+  expect_invalid(c, "scale");
+  c = ok;
+  c.num_branches = 0;
+  expect_invalid(c, "segment_lengths");
+  c = ok;
+  c.batch = 0;
+  expect_invalid(c, "batch");
+  /* L = 12, S = 8: neither divides the other */
+  int64_t s2[1] = {8}, r2[1] = {1};
+  c = make_config(1, 48, 2, 4, 1, s2, r2, 0, RA_MODE_GROUPS, 4);
+  expect_invalid(c, "world_size");
+
+  /* segment longer than n is clamped to n; longnet offsets h div ceil(H/r) */
+  int64_t s3[1] = {1000}, r3[1] = {2};
+  c = make_config(1, 16, 5, 4, 1, s3, r3, 0, RA_MODE_LONGNET, 1);
+  CHECK(ra_plan_create(&c, &plan) == RA_OK);
+  CHECK(ra_plan_branch(plan, 0, &bi) == RA_OK && bi.segment == 16);
+  CHECK(ra_plan_head_offset(plan, 0, 2) == 0 && ra_plan_head_offset(plan, 0, 3) == 1);
+  ra_plan_destroy(plan);
+}
+
+static void test_merge(void) {
+  /* part over keys {a}, acc over keys {b}: merged must be the softmax over both */
+  float acc[3] = {1, 2, 3}, part[3] = {5, -1, 0}, lse_acc = 0.5f, lse_part = 2.0f;
+  double wa = exp(0.5) / (exp(0.5) + exp(2.0)), wp = 1 - wa;
+  double want[3] = {wa * 1 + wp * 5, wa * 2 - wp, wa * 3};
+  ra_merge_rows(acc, 3, &lse_acc, 1, part, 3, &lse_part, 1, 3);
+  for (int i = 0; i < 3; i++) CHECK(fabs(acc[i] - want[i]) < 1e-6);
+  CHECK(fabs(lse_acc - log(exp(0.5) + exp(2.0))) < 1e-6);
+  /* -inf on either side */
+  float a2[2] = {0, 0}, l2 = -INFINITY, p2[2] = {7, 8}, lp2 = 1.0f;
+  ra_merge_rows(a2, 2, &l2, 1, p2, 2, &lp2, 1, 2);
+  CHECK(a2[0] == 7 && a2[1] == 8 && l2 == 1.0f);
+  float lp3 = -INFINITY;
+  ra_merge_rows(a2, 2, &l2, 1, p2, 2, &lp3, 1, 2);
+  CHECK(a2[0] == 7 && l2 == 1.0f);
+  /* large lse values must not overflow */
+  float a4[1] = {1}, l4 = 1000.0f, p4[1] = {3}, lp4 = 1000.0f;
+  ra_merge_rows(a4, 1, &l4, 1, p4, 1, &lp4, 1, 1);
+  CHECK(fabs(a4[0] - 2.0f) < 1e-6 && fabs(l4 - (1000.0 + log(2.0))) < 1e-3);
+}
+
+static void test_forward_matches_naive(void) {
+  struct {
+    int64_t b, n, h, d;
+    int G;
+    int64_t s[3], r[3];
+    int causal;
+    ra_mode mode;
+    int world;
+  } cases[] = {
+      {1, 64, 2, 16, 1, {64}, {1}, 0, RA_MODE_GROUPS, 1},          /* dense           */
+      {1, 64, 2, 16, 1, {64}, {1}, 1, RA_MODE_GROUPS, 4},          /* dense ring      */
+      {2, 96, 3, 24, 2, {32, 96}, {1, 3}, 1, RA_MODE_GROUPS, 3},   /* odd d, sub-ring */
+      {1, 128, 5, 32, 3, {16, 32, 128}, {1, 2, 4}, 0, RA_MODE_LONGNET, 4},
+      {1, 128, 5, 32, 3, {16, 32, 128}, {1, 2, 4}, 1, RA_MODE_LONGNET, 8},
+      {1, 72, 4, 8, 2, {12, 72}, {3, 2}, 1, RA_MODE_GROUPS, 6},    /* L=12 % r uneven */
+      {1, 200, 2, 64, 1, {200}, {1}, 1, RA_MODE_LONGNET, 2},       /* > one key tile  */
+      {1, 256, 2, 16, 2, {256, 256}, {1, 2}, 0, RA_MODE_LONGNET, 4},
+  };
+  for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+    ra_config c = make_config(cases[i].b, cases[i].n, cases[i].h, cases[i].d, cases[i].G, cases[i].s,
+                              cases[i].r, cases[i].causal, cases[i].mode, cases[i].world);
+    ra_stats stats[8];
+    double lse_err = INFINITY, err = ring_error(&c, stats, &lse_err);
+    if (!(err < 2e-5 && lse_err < 2e-5)) {
+      fprintf(stderr, "  case %zu: max error %.3g, lse error %.3g\n", i, err, lse_err);
+      failures_in_test++;
+    }
+    for (int rk = 0; rk < c.world_size; rk++) CHECK(stats[rk].current_bytes == 0);
+  }
+}
+
+/* Per rank: 4 shards (q, k, v, o) + the fp32 accumulator, and from two
+ * ranks on 2 double-buffered key/value blocks: 5 units of n/k at k = 1,
+ * 9 units of n/k at k >= 2.  So the peak halves whenever k doubles. */
+static void test_memory_falls_with_ranks(void) {
+  int64_t s[1] = {512}, r[1] = {1};
+  int64_t peak_at[9] = {0};
+  const int64_t unit = 512 * 4 * 64 * 4, slack = 2 * 200000; /* workspace: 2 threads */
+  for (int world = 1; world <= 8; world *= 2) {
+    ra_config c = make_config(1, 512, 4, 64, 1, s, r, 0, RA_MODE_GROUPS, world);
+    ra_stats stats[8];
+    double lse_err;
+    CHECK(ring_error(&c, stats, &lse_err) < 2e-5);
+    int64_t peak = 0;
+    for (int rk = 0; rk < world; rk++) peak = stats[rk].peak_bytes > peak ? stats[rk].peak_bytes : peak;
+    peak_at[world] = peak;
+    int64_t expect = (world == 1 ? 5 : 9) * unit / world;
+    CHECK(peak >= expect && peak <= expect + unit / 64 + slack);
+    if (world > 1) CHECK(stats[0].bytes_sent > 0);
+  }
+  CHECK(peak_at[8] * 8 <= peak_at[2] * 2 + 8 * slack);
+  CHECK(peak_at[8] * 4 < peak_at[1]);
+}
+
+static void test_causal_pipeline_sends_less(void) {
+  int64_t s[1] = {256}, r[1] = {1};
+  int64_t sent[2] = {0, 0};
+  for (int causal = 0; causal < 2; causal++) {
+    ra_config c = make_config(1, 256, 2, 16, 1, s, r, causal, RA_MODE_GROUPS, 4);
+    ra_stats stats[4];
+    double lse_err;
+    CHECK(ring_error(&c, stats, &lse_err) < 2e-5);
+    for (int rk = 0; rk < 4; rk++) sent[causal] += stats[rk].bytes_sent;
+    if (causal) CHECK(stats[0].steps_skipped == 3 && stats[3].steps == 4);
+    else CHECK(stats[0].steps == 4 && stats[0].steps_skipped == 0);
+  }
+  /* 4 ranks: non-causal sends 4*3 blocks, causal only 3+2+1 */
+  CHECK(sent[1] * 2 == sent[0]);
+}
+
+static void test_local_branch_never_communicates(void) {
+  int64_t s[2] = {16, 32}, r[2] = {1, 2};
+  ra_config c = make_config(1, 128, 2, 16, 2, s, r, 1, RA_MODE_LONGNET, 4); /* L = 32 */
+  ra_stats stats[4];
+  double lse_err;
+  CHECK(ring_error(&c, stats, &lse_err) < 2e-5);
+  for (int rk = 0; rk < 4; rk++) CHECK(stats[rk].bytes_sent == 0 && stats[rk].bytes_received == 0);
+}
+
+static void test_nonfinite_refused(void) {
+  int64_t s[1] = {16}, r[1] = {1};
+  ra_config c = make_config(1, 16, 1, 8, 1, s, r, 0, RA_MODE_GROUPS, 2);
+  float *q = random_tensor(128), *k = random_tensor(128), *v = random_tensor(128), o[128];
+  k[77] = NAN;
+  ra_plan *plan;
+  CHECK(ra_plan_create(&c, &plan) == RA_OK);
+  ra_exec exec = {1, 1};
+  CHECK(ra_inproc_forward(plan, contiguous(q, &c), contiguous(k, &c), contiguous(v, &c),
+                          contiguous(o, &c), NULL, &exec, NULL) == RA_ERR_NONFINITE);
+  CHECK(strstr(ra_last_error(), "k contains") != NULL);
+  ra_plan_destroy(plan);
+  free(q); free(k); free(v);
+}
+
+/* A rank that fails must not leave its peers waiting forever. */
+static void test_failed_rank_does_not_hang(void) {
+  int64_t s[1] = {64}, r[1] = {1};
+  ra_config c = make_config(1, 64, 1, 8, 1, s, r, 0, RA_MODE_GROUPS, 2);
+  float *x = random_tensor(512), o[512];
+  ra_plan *plan;
+  CHECK(ra_plan_create(&c, &plan) == RA_OK);
+  ra_inproc_world *w;
+  CHECK(ra_inproc_world_create(2, &w) == RA_OK);
+  ra_transport t1 = ra_inproc_transport(w, 1), t0 = ra_inproc_transport(w, 0);
+  ra_tensor ok = contiguous(x, &c), bad = ok, out = contiguous(o, &c);
+  bad.data = NULL;
+  /* rank 1 fails its argument check and aborts; rank 0 then runs alone */
+  CHECK(ra_ring_forward(plan, &t1, bad, ok, ok, out, NULL, 0, NULL, NULL) == RA_ERR_INVALID_ARGUMENT);
+  CHECK(ra_ring_forward(plan, &t0, ok, ok, ok, out, NULL, 0, NULL, NULL) == RA_ERR_TRANSPORT);
+  ra_inproc_world_destroy(w);
+  ra_plan_destroy(plan);
+  free(x);
+}
+
+int main(void) {
+  struct {
+    const char *name;
+    void (*fn)(void);
+  } tests[] = {
+      {"status_strings", test_status_strings},
+      {"plan_validation", test_plan_validation},
+      {"merge", test_merge},
+      {"forward_matches_naive", test_forward_matches_naive},
+      {"memory_falls_with_ranks", test_memory_falls_with_ranks},
+      {"causal_pipeline_sends_less", test_causal_pipeline_sends_less},
+      {"local_branch_never_communicates", test_local_branch_never_communicates},
+      {"nonfinite_refused", test_nonfinite_refused},
+      {"failed_rank_does_not_hang", test_failed_rank_does_not_hang},
+  };
+  int passed = 0, failed = 0;
+  for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++) {
+    failures_in_test = 0;
+    tests[i].fn();
+    printf("%-36s %s\n", tests[i].name, failures_in_test ? "FAIL" : "ok");
+    if (failures_in_test) failed++;
+    else passed++;
+  }
+  printf("%d passed, %d failed\n", passed, failed);
+  return failed ? 1 : 0;
+}

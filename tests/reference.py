@@ -1,0 +1,226 @@
+"""Float64 NumPy reference for ringattn, written from docs/semantics.md.
+
+This module must not import ringattn.  Everything is computed in float64.
+
+    reference_attention(q, k, v, segment_lengths, dilation_rates,
+                        causal=False, mode="groups", scale=None) -> (o, lse)
+
+q, k, v: (b, n, h, d) arrays of any float dtype.  Returns o float64 (b, n, h, d)
+and lse float64 (b, h, n), with lse == -inf (and o == 0) where a query attends
+to nothing.
+
+Also provided:
+    dense_attention(q, k, v, causal=False, scale=None) -> (o, lse)
+        plain softmax attention (independent code path).
+    bruteforce_attention(...) -> (o, lse)
+        the same function as reference_attention, evaluated query by query with
+        Python loops directly from the wording of the spec (tiny sizes only).
+"""
+
+import math
+
+import numpy as np
+
+__all__ = [
+    "effective_segments",
+    "group_head_ranges",
+    "longnet_offset",
+    "head_cells",
+    "reference_attention",
+    "dense_attention",
+    "bruteforce_attention",
+    "attended_pairs",
+]
+
+
+def _as64(x):
+    return np.asarray(x).astype(np.float64, copy=False)
+
+
+def effective_segments(segment_lengths, dilation_rates, n):
+    """[(S_i, r_i)] with S_i = min(s_i, n); checks the spec's rules."""
+    seg = [int(s) for s in segment_lengths]
+    rates = [int(r) for r in dilation_rates]
+    if len(seg) != len(rates) or len(seg) < 1:
+        raise ValueError("segment_lengths and dilation_rates must have the same length >= 1")
+    out = []
+    for s, r in zip(seg, rates):
+        if s < 1 or r < 1:
+            raise ValueError("segment lengths and dilation rates must be >= 1")
+        S = min(s, n)
+        if n % S != 0:
+            raise ValueError(f"n={n} not divisible by segment {S}")
+        if S % r != 0:
+            raise ValueError(f"segment {S} not divisible by rate {r}")
+        out.append((S, r))
+    return out
+
+
+def group_head_ranges(h, G):
+    """Groups mode: [(begin, end)] of the G contiguous head groups."""
+    if h < G:
+        raise ValueError("groups mode needs h >= G")
+    ranges = []
+    begin = 0
+    for i in range(G):
+        size = h // G + (1 if i < h % G else 0)
+        ranges.append((begin, begin + size))
+        begin += size
+    assert begin == h
+    return ranges
+
+
+def longnet_offset(head, h_total, r):
+    """LongNet mode: offset of head `head` in a branch of rate r."""
+    return head // (-(-h_total // r))  # h div ceil(H / r)
+
+
+def head_cells(h, branches, mode):
+    """For each head, the list of (branch index, offset) cells it uses."""
+    G = len(branches)
+    cells = [[] for _ in range(h)]
+    if mode == "groups":
+        for i, (lo, hi) in enumerate(group_head_ranges(h, G)):
+            r = branches[i][1]
+            for hh in range(lo, hi):
+                cells[hh].append((i, i % r))
+    elif mode == "longnet":
+        for i, (_S, r) in enumerate(branches):
+            for hh in range(h):
+                cells[hh].append((i, longnet_offset(hh, h, r)))
+    else:
+        raise ValueError(f"unknown mode {mode!r}")
+    return cells
+
+
+def _cell(q, k, v, h, S, r, off, causal, scale):
+    """One branch cell (branch (S, r), head h, offset off) for all queries.
+
+    Returns o (b, n, d) and lse (b, n); inactive queries give 0 / -inf.
+    """
+    b, n, _, d = q.shape
+    o = np.zeros((b, n, d))
+    lse = np.full((b, n), -np.inf)
+    nseg = n // S
+    local = np.arange(off, S, r)  # active positions inside a segment, increasing
+    if local.size == 0:
+        return o, lse
+    pos = (np.arange(nseg)[:, None] * S + local[None, :])  # (nseg, m)
+    qs = q[:, pos, h, :]  # (b, nseg, m, d)
+    ks = k[:, pos, h, :]
+    vs = v[:, pos, h, :]
+    logits = scale * np.matmul(qs, np.swapaxes(ks, -1, -2))  # (b, nseg, m, m)
+    if causal:
+        m = local.size
+        # positions are increasing along the segment, so p' <= p  <=>  j' <= j
+        mask = np.tril(np.ones((m, m), dtype=bool))
+        logits = np.where(mask, logits, -np.inf)
+    mx = logits.max(axis=-1, keepdims=True)  # finite: the diagonal is always visible
+    e = np.exp(logits - mx)
+    den = e.sum(axis=-1, keepdims=True)
+    o[:, pos, :] = np.matmul(e, vs) / den
+    lse[:, pos] = (mx + np.log(den))[..., 0]
+    return o, lse
+
+
+def reference_attention(q, k, v, segment_lengths, dilation_rates, causal=False,
+                        mode="groups", scale=None):
+    q, k, v = _as64(q), _as64(k), _as64(v)
+    if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError("q, k, v must share one (b, n, h, d) shape")
+    b, n, h, d = q.shape
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    branches = effective_segments(segment_lengths, dilation_rates, n)
+    cells = head_cells(h, branches, mode)
+
+    o = np.zeros((b, n, h, d))
+    lse = np.full((b, h, n), -np.inf)
+    for hh in range(h):
+        outs = [_cell(q, k, v, hh, branches[i][0], branches[i][1], off, causal, scale)
+                for i, off in cells[hh]]
+        if mode == "groups":
+            (oi, li), = outs
+            o[:, :, hh, :] = oi
+            lse[:, hh, :] = li
+            continue
+        # longnet: combine by softmax denominators
+        L = np.full((b, n), -np.inf)
+        for _, li in outs:
+            L = np.logaddexp(L, li)
+        acc = np.zeros((b, n, d))
+        fin = np.isfinite(L)
+        for oi, li in outs:
+            w = np.zeros((b, n))
+            w[fin] = np.exp(li[fin] - L[fin])  # exp(-inf) = 0 for inactive branches
+            acc += w[..., None] * oi
+        o[:, :, hh, :] = acc
+        lse[:, hh, :] = L
+    return o, lse
+
+
+def dense_attention(q, k, v, causal=False, scale=None):
+    """Plain softmax attention over the whole sequence, float64."""
+    q, k, v = _as64(q), _as64(k), _as64(v)
+    b, n, h, d = q.shape
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    s = np.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    if causal:
+        s = np.where(np.tril(np.ones((n, n), dtype=bool)), s, -np.inf)
+    m = s.max(axis=-1, keepdims=True)
+    p = np.exp(s - m)
+    z = p.sum(axis=-1, keepdims=True)
+    o = np.einsum("bhqk,bkhd->bqhd", p / z, v)
+    lse = (m + np.log(z))[..., 0]
+    return o, lse
+
+
+def bruteforce_attention(q, k, v, segment_lengths, dilation_rates, causal=False,
+                         mode="groups", scale=None):
+    """Query-by-query evaluation of the spec with Python loops (tiny sizes only)."""
+    q, k, v = _as64(q), _as64(k), _as64(v)
+    b, n, h, d = q.shape
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    branches = effective_segments(segment_lengths, dilation_rates, n)
+    cells = head_cells(h, branches, mode)
+    o = np.zeros((b, n, h, d))
+    lse = np.full((b, h, n), -np.inf)
+    for bb in range(b):
+        for hh in range(h):
+            for p in range(n):
+                logits, vals = [], []  # multiset union over the head's cells
+                for i, off in cells[hh]:
+                    S, r = branches[i]
+                    if (p % S) % r != off:
+                        continue
+                    for pk in range(n):
+                        if (pk % S) % r != off or pk // S != p // S:
+                            continue
+                        if causal and pk > p:
+                            continue
+                        logits.append(scale * float(np.dot(q[bb, p, hh], k[bb, pk, hh])))
+                        vals.append(v[bb, pk, hh])
+                if not logits:
+                    continue
+                logits = np.array(logits)
+                mx = logits.max()
+                w = np.exp(logits - mx)
+                o[bb, p, hh] = (w[:, None] * np.array(vals)).sum(0) / w.sum()
+                lse[bb, hh, p] = mx + math.log(w.sum())
+    return o, lse
+
+
+def attended_pairs(n, h, segment_lengths, dilation_rates, causal=False, mode="groups"):
+    """Number of attended (query, key) pairs summed over heads and cells (per batch)."""
+    branches = effective_segments(segment_lengths, dilation_rates, n)
+    cells = head_cells(h, branches, mode)
+    total = 0
+    for hh in range(h):
+        for i, off in cells[hh]:
+            S, r = branches[i]
+            m = len(range(off, S, r))
+            per_seg = m * (m + 1) // 2 if causal else m * m
+            total += per_seg * (n // S)
+    return total
