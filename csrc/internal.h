@@ -80,7 +80,7 @@ void ra_cpu_attend(ra_workspace *ws, ra_dtype dtype, int64_t head_dim,
                    int64_t acc_stride, float *lse, int64_t lse_stride);
 
 /* Largest number of queries the kernel takes in one call (a query block). */
-#define RA_CPU_BLOCK_Q 64
+#define RA_CPU_BLOCK_Q 256
 
 /* ------------------------------------------------------------ conversions */
 

@@ -200,6 +200,19 @@ void ra_merge_rows(float *acc, int64_t acc_stride, float *lse_acc,
                    int64_t part_stride, const float *lse_part, int64_t rows,
                    int64_t dim);
 
+/* ---------------------------------------------------------------------- CUDA */
+
+/* Number of CUDA devices this build can use: 0 when it was built without
+ * CUDA, when no driver is installed, or when no device is present. */
+int ra_cuda_device_count(void);
+
+/* ra_merge_rows on device memory, enqueued on `stream` (a cudaStream_t;
+ * NULL is the default stream).  RA_ERR_UNSUPPORTED in a build without CUDA. */
+ra_status ra_cuda_merge_rows(float *acc, int64_t acc_stride, float *lse_acc,
+                             int64_t lse_acc_stride, const float *part,
+                             int64_t part_stride, const float *lse_part,
+                             int64_t rows, int64_t dim, void *stream);
+
 /* ------------------------------------------------------------------- threads */
 
 /* Number of cores the CPU kernels use by default (after RINGATTN_NUM_THREADS). */

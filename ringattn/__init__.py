@@ -8,7 +8,7 @@
 See docs/ for the semantics, the ring schedule and the measurements.
 """
 
-from ._core import RingAttnError
+from ._core import RingAttnError, cuda_device_count
 from ._api import (
     RingDilatedAttention,
     dilated_attention,
@@ -23,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "RingAttnError",
     "RingDilatedAttention",
+    "cuda_device_count",
     "dilated_attention",
     "gather_sequence",
     "get_num_threads",

@@ -227,6 +227,12 @@ static PyObject *py_default_num_threads(PyObject *self, PyObject *unused) {
   return PyLong_FromLong(ra_default_num_threads());
 }
 
+static PyObject *py_cuda_device_count(PyObject *self, PyObject *unused) {
+  (void)self;
+  (void)unused;
+  return PyLong_FromLong(ra_cuda_device_count());
+}
+
 static PyObject *py_status_string(PyObject *self, PyObject *arg) {
   (void)self;
   long code = PyLong_AsLong(arg);
@@ -240,6 +246,8 @@ static PyMethodDef methods[] = {
     {"forward", (PyCFunction)(void (*)(void))py_forward, METH_VARARGS | METH_KEYWORDS,
      "Run all ranks in process; write out (and lse); return per-rank stats."},
     {"default_num_threads", py_default_num_threads, METH_NOARGS, "Cores the CPU kernels use by default."},
+    {"cuda_device_count", py_cuda_device_count, METH_NOARGS,
+     "CUDA devices this build can use (0 without CUDA, driver or device)."},
     {"status_string", py_status_string, METH_O, "Description of a core status code."},
     {NULL, NULL, 0, NULL}};
 
