@@ -184,7 +184,7 @@ def run_seed(quick, repeats, threads):
 
 
 HEADER = ("| part | b | n | h | d | causal | GFLOP | ringattn ms | NumPy ms | "
-          "ringattn GFLOP/s | NumPy GFLOP/s | ringattn / NumPy | max abs diff |")
+          "ringattn GFLOP/s | NumPy GFLOP/s | speedup (NumPy time / ringattn time) | max abs diff |")
 
 
 def print_row(r, flush=False):

@@ -82,6 +82,92 @@ void ra_cpu_attend(ra_workspace *ws, ra_dtype dtype, int64_t head_dim,
 /* Largest number of queries the kernel takes in one call (a query block). */
 #define RA_CPU_BLOCK_Q 256
 
+/* --------------------------------------------------------------- backends */
+
+/* The ring driver (ring.c) decides *what* to compute and move; a backend
+ * does it in its own memory (host for the CPU, device for CUDA).  All work
+ * is described by small task lists in host memory. */
+
+/* One (batch, head, window) pair of runs for an attention step.  Offsets
+ * are in elements from the batch's base pointers; row t of the run is at
+ * offset + t * stride. */
+typedef struct ra_attend_task {
+  int64_t q, k, v;       /* token 0 of the query, key and value runs      */
+  int64_t acc, lse;      /* accumulator row and lse of query 0 (floats)  */
+  int64_t nq, nk;        /* tokens in the runs                           */
+  int64_t qpos0, kpos0;  /* global positions of token 0 (step: rate)     */
+} ra_attend_task;
+
+typedef struct ra_attend_batch {
+  ra_dtype dtype;
+  int64_t head_dim;
+  float scale;
+  int causal;
+  int64_t rate;
+  const void *q, *k, *v;
+  int64_t q_stride, k_stride, v_stride; /* elements between tokens of a run */
+  float *acc, *lse;
+  int64_t acc_stride, lse_stride;       /* floats between rows of a run    */
+  const ra_attend_task *tasks;
+  int64_t ntasks;
+} ra_attend_batch;
+
+/* Copy `count` rows of head_dim elements from src + src (rows src_stride
+ * apart) to dst + dst (contiguous): packing the active keys/values. */
+typedef struct ra_copy_task {
+  int64_t src, dst, count;
+} ra_copy_task;
+
+typedef struct ra_gather_batch {
+  ra_dtype dtype;
+  int64_t head_dim;
+  const void *src;
+  int64_t src_stride;
+  void *dst;
+  const ra_copy_task *tasks;
+  int64_t ntasks;
+} ra_gather_batch;
+
+typedef struct ra_backend_ops {
+  const char *name;
+  /* Memory the backend computes in and the transport reads (NULL + ra_fail on failure). */
+  void *(*alloc)(void *ctx, size_t bytes);
+  void (*free)(void *ctx, void *ptr);
+  /* acc <- 0 (acc_n floats), lse <- -inf (lse_n floats) */
+  ra_status (*init_state)(void *ctx, float *acc, int64_t acc_n, float *lse, int64_t lse_n);
+  ra_status (*gather)(void *ctx, const ra_gather_batch *g);
+  /* Attend every task's queries to its keys and merge into acc / lse. */
+  ra_status (*attend)(void *ctx, const ra_attend_batch *a);
+  /* o <- acc in o's dtype; lse (b, h, L rows lse_ld apart; may be NULL) <- state */
+  ra_status (*store)(void *ctx, const ra_config *cfg, int64_t L, const float *acc,
+                     const float *lse_state, ra_tensor o, float *lse, int64_t lse_ld);
+  /* Make everything computed so far visible to the transport. */
+  ra_status (*sync)(void *ctx);
+} ra_backend_ops;
+
+typedef struct ra_backend {
+  const ra_backend_ops *ops;
+  void *ctx;
+} ra_backend;
+
+/* The CPU backend: `threads` OpenMP threads, each with a kernel workspace
+ * counted in `stats`.  ra_cpu_backend_close frees what open allocated. */
+typedef struct ra_cpu_backend {
+  int threads;
+  int64_t head_dim;
+  void **ws;
+  ra_stats *stats;
+} ra_cpu_backend;
+ra_status ra_cpu_backend_open(ra_cpu_backend *cpu, int threads, int64_t head_dim,
+                              ra_stats *stats, ra_backend *out);
+void ra_cpu_backend_close(ra_cpu_backend *cpu);
+
+/* One rank of the ring on any backend and transport (ring.c). */
+ra_status ra_ring_run(const ra_plan *plan, const ra_transport *transport,
+                      const ra_backend *backend, ra_tensor q, ra_tensor k,
+                      ra_tensor v, ra_tensor o, float *lse, int64_t lse_ld,
+                      ra_stats *stats);
+
 /* ------------------------------------------------------------ conversions */
 
 /* Nonzero when every element of a (b, n, h, d) tensor is finite. */

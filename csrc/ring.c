@@ -19,14 +19,13 @@
  * ranks at sub-ring position >= s compute, and a block is forwarded only
  * while somebody downstream still needs it: the ring becomes a pipeline and
  * the wrap-around link carries nothing.
+ *
+ * This file decides what to compute and what to move; the backend (CPU or
+ * CUDA) computes, the transport (in-process, MPI, NCCL) moves.
  */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #include "internal.h"
 
@@ -35,125 +34,147 @@ typedef struct rank_ctx {
   const ra_plan *plan;
   const ra_config *cfg;
   const ra_transport *tr;
+  const ra_backend *be;
   ra_stats *stats;
   ra_tensor q, k, v;
   int64_t L, start;      /* local length and first global position */
-  size_t es;             /* element size                            */
-  float *acc, *lse;      /* [b][L][h][d] and [b][h][L]               */
-  void **ws;             /* one kernel workspace per thread          */
-  int threads;
+  float *acc, *lse;      /* [b][L][h][d] and [b][h][L], backend memory */
+  ra_attend_task *tasks; /* scratch for one step's task list          */
+  ra_copy_task *copies;  /* scratch for one block's packing list       */
 } rank_ctx;
 
-/* Where the keys/values of one (batch, head) of a branch are read from. */
+/* Where the keys/values of each head of a branch are read from: token t of
+ * head hh in batch bb is at k + bb*stride_b + at[hh] + t*stride_t. */
 typedef struct kv_source {
-  const char *k, *v;        /* first token of (batch 0, head 0)        */
-  int64_t k_stride_b, v_stride_b;
-  int64_t k_stride_t, v_stride_t; /* between active tokens             */
-  /* per head of the branch: offset of its first token and its run      */
-  const int64_t *head_at;   /* elements from k / v                     */
-  const int64_t *count, *pos0;
+  const void *k, *v;
+  int64_t k_stride_b, v_stride_b, stride_t;
+  int64_t window;        /* elements between the first tokens of windows */
+  const int64_t *at, *count, *pos0;
 } kv_source;
+
+/* --------------------------------------------------- counted backend memory */
+
+static void *be_alloc(rank_ctx *r, size_t bytes) {
+  void *p = r->be->ops->alloc(r->be->ctx, bytes);
+  if (p) ra_hold(r->stats, (int64_t)bytes);
+  return p;
+}
+
+static void be_free(rank_ctx *r, void *p, size_t bytes) {
+  if (!p) return;
+  r->be->ops->free(r->be->ctx, p);
+  ra_release(r->stats, (int64_t)bytes);
+}
 
 /* ------------------------------------------------------------- computing */
 
-/* Attend this rank's active queries of `branch` (inside the window
- * [wstart, wstart+wlen) of the shard, which lies in one segment) to the
- * keys/values of `src`.  Work items are (batch, head, query block). */
-static void compute_block(rank_ctx *r, int branch, int64_t wstart, int64_t wlen,
-                          int64_t nwin, const kv_source *src) {
+/* Attend this rank's active queries of `branch` in the windows
+ * [w*wlen, (w+1)*wlen) (w < nwin; each inside one segment) to the
+ * keys/values of `src`: one task per (batch, head, window). */
+static ra_status attend_block(rank_ctx *r, int branch, int64_t wlen, int64_t nwin,
+                              const kv_source *src) {
   const ra_config *c = r->cfg;
   const ra_branch_info *bi = &r->plan->branch[branch];
   const int64_t H = c->num_heads, d = c->head_dim, rate = bi->rate;
   const int64_t hb = bi->head_end - bi->head_begin;
-  const int64_t nqb = (wlen / rate + 1 + RA_CPU_BLOCK_Q - 1) / RA_CPU_BLOCK_Q;
-  const int64_t items = c->batch * hb * nwin * nqb;
-  const float scale = (float)c->scale;
-  const ra_dtype dt = c->dtype;
-
-#pragma omp parallel for num_threads(r->threads) schedule(dynamic, 1)
-  for (int64_t it = 0; it < items; it++) {
-    int64_t qb = it % nqb, w = (it / nqb) % nwin, hh = (it / nqb / nwin) % hb;
-    int64_t bb = it / nqb / nwin / hb, h = bi->head_begin + hh;
-    int64_t off = r->plan->offset[branch * H + h];
-    int64_t win = wstart + w * wlen; /* window start, local position */
-    ra_run run = ra_active_run(bi->segment, rate, off, r->start + win, wlen);
-    int64_t q0 = qb * RA_CPU_BLOCK_Q;
-    if (q0 >= run.count) continue;
-    int64_t lpos = win + run.first + q0 * rate; /* local position of query 0 */
-    ra_tokens qt = {
-        (const char *)r->q.data + (size_t)(bb * r->q.stride_b + lpos * r->q.stride_n + h * r->q.stride_h) * r->es,
-        rate * r->q.stride_n, run.count - q0 < RA_CPU_BLOCK_Q ? run.count - q0 : RA_CPU_BLOCK_Q,
-        r->start + lpos};
-    ra_tokens kt = {src->k + (size_t)(bb * src->k_stride_b + src->head_at[hh] + w * wlen * r->k.stride_n) * r->es,
-                    src->k_stride_t, src->count[hh], src->pos0[hh] + w * wlen};
-    const char *vp = src->v + (size_t)(bb * src->v_stride_b + src->head_at[hh] + w * wlen * r->v.stride_n) * r->es;
-    int tid = 0;
-#ifdef _OPENMP
-    tid = omp_get_thread_num();
-#endif
-    ra_cpu_attend((ra_workspace *)r->ws[tid], dt, d, scale, c->causal, rate, qt, kt, vp,
-                  src->v_stride_t, r->acc + ((bb * r->L + lpos) * H + h) * d, rate * H * d,
-                  r->lse + (bb * H + h) * r->L + lpos, rate);
-  }
+  int64_t n = 0;
+  for (int64_t bb = 0; bb < c->batch; bb++)
+    for (int64_t hh = 0; hh < hb; hh++) {
+      const int64_t h = bi->head_begin + hh, off = r->plan->offset[branch * H + h];
+      for (int64_t w = 0; w < nwin; w++) {
+        const ra_run run = ra_active_run(bi->segment, rate, off, r->start + w * wlen, wlen);
+        if (run.count == 0 || src->count[hh] == 0) continue;
+        const int64_t lpos = w * wlen + run.first; /* local position of query 0 */
+        ra_attend_task *t = &r->tasks[n++];
+        t->q = bb * r->q.stride_b + lpos * r->q.stride_n + h * r->q.stride_h;
+        t->k = bb * src->k_stride_b + src->at[hh] + w * src->window;
+        t->v = bb * src->v_stride_b + src->at[hh] + w * src->window;
+        t->acc = ((bb * r->L + lpos) * H + h) * d;
+        t->lse = (bb * H + h) * r->L + lpos;
+        t->nq = run.count;
+        t->nk = src->count[hh];
+        t->qpos0 = r->start + lpos;
+        t->kpos0 = src->pos0[hh] + w * wlen;
+      }
+    }
+  ra_attend_batch a = {c->dtype, d, (float)c->scale, c->causal, rate,
+                       r->q.data, src->k, src->v,
+                       rate * r->q.stride_n, src->stride_t, src->stride_t,
+                       r->acc, r->lse, rate * H * d, rate,
+                       r->tasks, n};
+  return n ? r->be->ops->attend(r->be->ctx, &a) : RA_OK;
 }
 
 /* A local branch: every segment of the shard attends to itself. */
-static void run_local_branch(rank_ctx *r, int branch, int64_t *head_at,
-                             int64_t *count, int64_t *pos0) {
+static ra_status run_local_branch(rank_ctx *r, int branch, int64_t *tables) {
   const ra_branch_info *bi = &r->plan->branch[branch];
-  const int64_t H = r->cfg->num_heads;
-  for (int64_t h = bi->head_begin; h < bi->head_end; h++) {
-    int64_t hh = h - bi->head_begin, off = r->plan->offset[branch * H + h];
-    ra_run run = ra_active_run(bi->segment, bi->rate, off, r->start, bi->segment);
-    head_at[hh] = run.first * r->k.stride_n + h * r->k.stride_h;
+  const int64_t H = r->cfg->num_heads, hb = bi->head_end - bi->head_begin;
+  int64_t *at = tables, *count = tables + hb, *pos0 = tables + 2 * hb;
+  for (int64_t hh = 0; hh < hb; hh++) {
+    const int64_t h = bi->head_begin + hh;
+    const ra_run run = ra_active_run(bi->segment, bi->rate, r->plan->offset[branch * H + h], r->start, bi->segment);
+    at[hh] = run.first * r->k.stride_n + h * r->k.stride_h; /* k and v share these strides */
     count[hh] = run.count;
     pos0[hh] = r->start + run.first;
   }
-  /* k and v share one head_at table, so they must share strides */
-  kv_source src = {(const char *)r->k.data, (const char *)r->v.data, r->k.stride_b, r->v.stride_b,
-                   bi->rate * r->k.stride_n, bi->rate * r->v.stride_n, head_at, count, pos0};
-  compute_block(r, branch, 0, bi->segment, r->L / bi->segment, &src);
+  kv_source src = {r->k.data, r->v.data, r->k.stride_b, r->v.stride_b, bi->rate * r->k.stride_n,
+                   bi->segment * r->k.stride_n, at, count, pos0};
+  r->stats->steps++;
+  return attend_block(r, branch, bi->segment, r->L / bi->segment, &src);
 }
 
 /* ------------------------------------------------------------- packing */
 
 /* Layout of a packed block of a branch from the rank whose shard starts at
- * `start`: for each batch, for each head of the branch, its active keys,
+ * `start`: for each batch, for each head of the branch, its active keys;
  * then the same for values.  Returns the block's size in elements. */
 static int64_t packed_layout(const rank_ctx *r, int branch, int64_t start,
-                             int64_t *head_at, int64_t *count, int64_t *pos0) {
+                             int64_t *at, int64_t *count, int64_t *pos0) {
   const ra_branch_info *bi = &r->plan->branch[branch];
   const int64_t H = r->cfg->num_heads, d = r->cfg->head_dim;
-  int64_t at = 0;
+  int64_t per_batch = 0;
   for (int64_t h = bi->head_begin; h < bi->head_end; h++) {
-    int64_t hh = h - bi->head_begin;
-    ra_run run = ra_active_run(bi->segment, bi->rate, r->plan->offset[branch * H + h], start, r->L);
-    head_at[hh] = at;
+    const int64_t hh = h - bi->head_begin;
+    const ra_run run = ra_active_run(bi->segment, bi->rate, r->plan->offset[branch * H + h], start, r->L);
+    at[hh] = per_batch;
     count[hh] = run.count;
     pos0[hh] = start + run.first;
-    at += run.count * d;
+    per_batch += run.count * d;
   }
-  return 2 * r->cfg->batch * at; /* at = elements per batch, k and v */
+  return 2 * r->cfg->batch * per_batch;
 }
 
-static void pack_block(const rank_ctx *r, int branch, char *buf,
-                       const int64_t *head_at, const int64_t *count,
-                       const int64_t *pos0, int64_t per_batch) {
+/* The packed block as a key/value source. */
+static kv_source packed_source(const rank_ctx *r, void *buf, int64_t elems,
+                               const int64_t *at, const int64_t *count, const int64_t *pos0) {
+  const int64_t per_batch = elems / (2 * r->cfg->batch);
+  kv_source src = {buf, (char *)buf + (size_t)(r->cfg->batch * per_batch) * ra_dtype_size(r->cfg->dtype),
+                   per_batch, per_batch, r->cfg->head_dim, 0, at, count, pos0};
+  return src;
+}
+
+/* Gather this rank's active keys and values of a branch into buf. */
+static ra_status pack_block(rank_ctx *r, int branch, void *buf, int64_t elems,
+                            const int64_t *at, const int64_t *count, const int64_t *pos0) {
   const ra_branch_info *bi = &r->plan->branch[branch];
-  const int64_t d = r->cfg->head_dim, B = r->cfg->batch, hb = bi->head_end - bi->head_begin;
-  const size_t es = r->es, row = (size_t)d * es;
-  char *vbuf = buf + (size_t)(B * per_batch) * es;
-#pragma omp parallel for collapse(2) num_threads(r->threads) schedule(static)
-  for (int64_t bb = 0; bb < B; bb++)
-    for (int64_t hh = 0; hh < hb; hh++) {
-      int64_t h = bi->head_begin + hh;
-      for (int64_t t = 0; t < count[hh]; t++) {
-        int64_t lp = pos0[hh] - r->start + t * bi->rate;
-        size_t dst = (size_t)(bb * per_batch + head_at[hh] + t * d) * es;
-        memcpy(buf + dst, (const char *)r->k.data + (size_t)(bb * r->k.stride_b + lp * r->k.stride_n + h * r->k.stride_h) * es, row);
-        memcpy(vbuf + dst, (const char *)r->v.data + (size_t)(bb * r->v.stride_b + lp * r->v.stride_n + h * r->v.stride_h) * es, row);
+  const int64_t B = r->cfg->batch, hb = bi->head_end - bi->head_begin;
+  const int64_t per_batch = elems / (2 * B);
+  const size_t es = ra_dtype_size(r->cfg->dtype);
+  for (int pass = 0; pass < 2; pass++) {
+    const ra_tensor *t = pass == 0 ? &r->k : &r->v;
+    int64_t n = 0;
+    for (int64_t bb = 0; bb < B; bb++)
+      for (int64_t hh = 0; hh < hb; hh++) {
+        ra_copy_task *c = &r->copies[n++];
+        c->src = bb * t->stride_b + (pos0[hh] - r->start) * t->stride_n + (bi->head_begin + hh) * t->stride_h;
+        c->dst = bb * per_batch + at[hh];
+        c->count = count[hh];
       }
-    }
+    ra_gather_batch g = {r->cfg->dtype, r->cfg->head_dim, t->data, bi->rate * t->stride_n,
+                         (char *)buf + (size_t)(pass * B * per_batch) * es, r->copies, n};
+    RA_TRY(r->be->ops->gather(r->be->ctx, &g));
+  }
+  return r->be->ops->sync(r->be->ctx);
 }
 
 /* ------------------------------------------------------------ the ring */
@@ -188,11 +209,13 @@ static ra_status run_spanning_branch(rank_ctx *r, int branch, int64_t *tables) {
   const ra_branch_info *bi = &r->plan->branch[branch];
   const int64_t m = bi->span, rank = r->tr->rank, pos = rank % m, group0 = rank - pos;
   const int64_t hb = bi->head_end - bi->head_begin;
+  const int64_t es = (int64_t)ra_dtype_size(r->cfg->dtype);
   int64_t *cur_at = tables, *cur_n = tables + hb, *cur_p = tables + 2 * hb;
   int64_t *nxt_at = tables + 3 * hb, *nxt_n = tables + 4 * hb, *nxt_p = tables + 5 * hb;
   ra_status st = RA_OK;
   int cur = 0, sending = 0, receiving = 0;
   ra_request sreq, rreq;
+  void *buf[2] = {NULL, NULL};
 
   /* capacity: the largest block any rank of the sub-ring can send */
   int64_t cap = 0;
@@ -200,39 +223,40 @@ static ra_status run_spanning_branch(rank_ctx *r, int branch, int64_t *tables) {
     int64_t e = packed_layout(r, branch, (group0 + p) * r->L, nxt_at, nxt_n, nxt_p);
     if (e > cap) cap = e;
   }
-  size_t cap_bytes = (size_t)cap * r->es;
-  char *buf[2];
-  buf[0] = ra_alloc(r->stats, cap_bytes);
-  buf[1] = ra_alloc(r->stats, cap_bytes);
+  const size_t cap_bytes = (size_t)(cap * es);
+  buf[0] = be_alloc(r, cap_bytes);
+  buf[1] = be_alloc(r, cap_bytes);
   if (!buf[0] || !buf[1]) {
     st = RA_ERR_OUT_OF_MEMORY;
     goto done;
   }
   int64_t cur_elems = packed_layout(r, branch, r->start, cur_at, cur_n, cur_p);
-  pack_block(r, branch, buf[0], cur_at, cur_n, cur_p, cur_elems / (2 * r->cfg->batch));
+  if ((st = pack_block(r, branch, buf[0], cur_elems, cur_at, cur_n, cur_p)) != RA_OK) goto done;
 
   for (int64_t s = 0; s < m; s++) {
-    sending = receiving = 0;
     int64_t nxt_elems = 0;
     if (s + 1 < m) {
-      int64_t from = (pos - (s + 1) + 2 * m) % m; /* origin of the next block */
+      const int64_t from = (pos - (s + 1) + 2 * m) % m; /* origin of the next block */
       nxt_elems = packed_layout(r, branch, (group0 + from) * r->L, nxt_at, nxt_n, nxt_p);
-      st = exchange_start(r, branch, pos, m, s + 1, group0, buf[cur], cur_elems * (int64_t)r->es,
-                          buf[1 - cur], nxt_elems * (int64_t)r->es, &sreq, &rreq, &sending, &receiving);
+      st = exchange_start(r, branch, pos, m, s + 1, group0, buf[cur], cur_elems * es, buf[1 - cur],
+                          nxt_elems * es, &sreq, &rreq, &sending, &receiving);
       if (st != RA_OK) goto done;
     }
     if (!r->cfg->causal || s <= pos) {
-      int64_t per_batch = cur_elems / (2 * r->cfg->batch);
-      kv_source src = {buf[cur], buf[cur] + (size_t)(r->cfg->batch * per_batch) * r->es,
-                       per_batch, per_batch, r->cfg->head_dim, r->cfg->head_dim, cur_at, cur_n, cur_p};
-      compute_block(r, branch, 0, r->L, 1, &src);
+      const kv_source src = packed_source(r, buf[cur], cur_elems, cur_at, cur_n, cur_p);
+      if ((st = attend_block(r, branch, r->L, 1, &src)) != RA_OK) goto done;
       r->stats->steps++;
     } else {
       r->stats->steps_skipped++;
     }
-    /* receive before send: a send may complete only when its receiver waits */
+    /* Receive before send: a send may complete only when its receiver
+     * waits.  An asynchronous backend is still computing on buf[cur] while
+     * the transport moves data (reading buf[cur], writing buf[1-cur]); the
+     * sync afterwards makes sure it is done before the next step's receive
+     * overwrites buf[cur]. */
     if (receiving && (receiving = 0, st = r->tr->ops->wait(r->tr->ctx, &rreq)) != RA_OK) goto done;
     if (sending && (sending = 0, st = r->tr->ops->wait(r->tr->ctx, &sreq)) != RA_OK) goto done;
+    if ((st = r->be->ops->sync(r->be->ctx)) != RA_OK) goto done;
     if (s + 1 < m) {
       int64_t *t;
       t = cur_at; cur_at = nxt_at; nxt_at = t;
@@ -248,18 +272,19 @@ done:
     if (receiving) r->tr->ops->wait(r->tr->ctx, &rreq);
     if (sending) r->tr->ops->wait(r->tr->ctx, &sreq);
   }
-  ra_free(r->stats, buf[0], cap_bytes);
-  ra_free(r->stats, buf[1], cap_bytes);
+  be_free(r, buf[0], cap_bytes);
+  be_free(r, buf[1], cap_bytes);
   return st;
 }
 
 /* --------------------------------------------------------------- entry */
 
-static ra_status check_call(const ra_plan *plan, const ra_transport *tr,
+static ra_status check_call(const ra_plan *plan, const ra_transport *tr, const ra_backend *be,
                             ra_tensor q, ra_tensor k, ra_tensor v, ra_tensor o,
                             float *lse, int64_t lse_ld) {
   if (!plan) return ra_fail(RA_ERR_INVALID_ARGUMENT, "plan is NULL");
   if (!tr || !tr->ops) return ra_fail(RA_ERR_INVALID_ARGUMENT, "transport is NULL");
+  if (!be || !be->ops) return ra_fail(RA_ERR_INVALID_ARGUMENT, "backend is NULL");
   if (tr->world_size != plan->cfg.world_size)
     return ra_fail(RA_ERR_INVALID_ARGUMENT, "world_size: the plan has %d ranks but the transport %d",
                    plan->cfg.world_size, tr->world_size);
@@ -272,11 +297,55 @@ static ra_status check_call(const ra_plan *plan, const ra_transport *tr,
   if (lse && lse_ld < plan->local_len)
     return ra_fail(RA_ERR_INVALID_ARGUMENT, "lse: row stride %lld below the local length %lld",
                    (long long)lse_ld, (long long)plan->local_len);
-  if (plan->cfg.dtype == RA_BFLOAT16)
-    return ra_fail(RA_ERR_UNSUPPORTED, "dtype: bfloat16 is supported by the CUDA backend only");
   if (k.stride_n != v.stride_n || k.stride_h != v.stride_h)
     return ra_fail(RA_ERR_INVALID_ARGUMENT, "v: must have the same sequence and head strides as k");
   return RA_OK;
+}
+
+ra_status ra_ring_run(const ra_plan *plan, const ra_transport *tr, const ra_backend *be,
+                      ra_tensor q, ra_tensor k, ra_tensor v, ra_tensor o, float *lse,
+                      int64_t lse_ld, ra_stats *stats) {
+  RA_TRY(check_call(plan, tr, be, q, k, v, o, lse, lse_ld));
+  const ra_config *c = &plan->cfg;
+  rank_ctx r = {plan, c, tr, be, stats, q, k, v, plan->local_len, 0, NULL, NULL, NULL, NULL};
+  r.start = (int64_t)tr->rank * r.L;
+  const int64_t H = c->num_heads, d = c->head_dim, es = (int64_t)ra_dtype_size(c->dtype);
+  const int64_t held = 4 * c->batch * r.L * H * d * es + (lse ? c->batch * H * r.L * 4 : 0);
+  const size_t acc_bytes = (size_t)(c->batch * r.L * H * d) * sizeof(float);
+  const size_t lse_bytes = (size_t)(c->batch * H * r.L) * sizeof(float);
+  /* one step has at most b * h * (windows per shard) tasks */
+  int64_t max_windows = 1;
+  for (int b = 0; b < c->num_branches; b++)
+    if (plan->branch[b].span == 1 && r.L / plan->branch[b].segment > max_windows)
+      max_windows = r.L / plan->branch[b].segment;
+  const size_t task_bytes = (size_t)(c->batch * H * max_windows) * sizeof(ra_attend_task);
+  const size_t copy_bytes = (size_t)(c->batch * H) * sizeof(ra_copy_task);
+  ra_status st = RA_OK;
+
+  ra_hold(stats, held); /* the caller's shards of q, k, v, o (and lse) */
+  int64_t *tables = malloc(sizeof(int64_t) * (size_t)(6 * H)); /* O(h), not counted */
+  r.tasks = ra_alloc(stats, task_bytes);
+  r.copies = ra_alloc(stats, copy_bytes);
+  r.acc = be_alloc(&r, acc_bytes);
+  r.lse = be_alloc(&r, lse_bytes);
+  if (!tables || !r.tasks || !r.copies || !r.acc || !r.lse) {
+    st = ra_fail(RA_ERR_OUT_OF_MEMORY, "could not allocate the accumulators of rank %d", tr->rank);
+    goto done;
+  }
+  st = be->ops->init_state(be->ctx, r.acc, c->batch * r.L * H * d, r.lse, c->batch * H * r.L);
+  for (int b = 0; b < c->num_branches && st == RA_OK; b++)
+    st = plan->branch[b].span == 1 ? run_local_branch(&r, b, tables) : run_spanning_branch(&r, b, tables);
+  if (st == RA_OK) st = be->ops->store(be->ctx, c, r.L, r.acc, r.lse, o, lse, lse_ld);
+  if (st == RA_OK) st = be->ops->sync(be->ctx);
+
+done:
+  be_free(&r, r.lse, lse_bytes);
+  be_free(&r, r.acc, acc_bytes);
+  ra_free(stats, r.copies, copy_bytes);
+  ra_free(stats, r.tasks, task_bytes);
+  free(tables);
+  ra_release(stats, held);
+  return st;
 }
 
 /* Scan this rank's inputs when non-finite values are to be refused. */
@@ -290,20 +359,6 @@ static ra_status check_finite(const ra_config *c, int64_t L, ra_tensor q, ra_ten
   return RA_OK;
 }
 
-static void store_output(const rank_ctx *r, ra_tensor o, float *lse, int64_t lse_ld) {
-  const ra_config *c = r->cfg;
-  const int64_t H = c->num_heads, d = c->head_dim, rows = c->batch * r->L * H;
-#pragma omp parallel for num_threads(r->threads) schedule(static)
-  for (int64_t i = 0; i < rows; i++) {
-    int64_t h = i % H, p = (i / H) % r->L, bb = i / H / r->L;
-    ra_store_row((char *)o.data + (size_t)(bb * o.stride_b + p * o.stride_n + h * o.stride_h) * r->es,
-                 c->dtype, r->acc + i * d, d);
-  }
-  if (lse)
-    for (int64_t bh = 0; bh < c->batch * H; bh++)
-      memcpy(lse + bh * lse_ld, r->lse + bh * r->L, sizeof(float) * (size_t)r->L);
-}
-
 ra_status ra_ring_forward(const ra_plan *plan, const ra_transport *tr,
                           ra_tensor q, ra_tensor k, ra_tensor v, ra_tensor o,
                           float *lse, int64_t lse_ld, const ra_exec *exec,
@@ -311,71 +366,20 @@ ra_status ra_ring_forward(const ra_plan *plan, const ra_transport *tr,
   ra_stats local_stats;
   if (!stats) stats = &local_stats;
   memset(stats, 0, sizeof *stats);
-  ra_status st = check_call(plan, tr, q, k, v, o, lse, lse_ld);
-  if (st != RA_OK) goto fail_early;
-
-  const ra_config *c = &plan->cfg;
-  rank_ctx r;
-  memset(&r, 0, sizeof r);
-  r.plan = plan;
-  r.cfg = c;
-  r.tr = tr;
-  r.stats = stats;
-  r.q = q;
-  r.k = k;
-  r.v = v;
-  r.L = plan->local_len;
-  r.start = (int64_t)tr->rank * r.L;
-  r.es = ra_dtype_size(c->dtype);
-  r.threads = exec && exec->num_threads > 0 ? exec->num_threads : ra_default_num_threads();
-  if (exec && exec->check_finite && (st = check_finite(c, r.L, q, k, v, r.threads)) != RA_OK)
-    goto fail_early;
-
-  const int64_t H = c->num_heads, d = c->head_dim;
-  const int64_t shard = c->batch * r.L * H * d * (int64_t)r.es;
-  const int64_t held = 4 * shard + (lse ? c->batch * H * r.L * 4 : 0);
-  const size_t acc_bytes = (size_t)(c->batch * r.L * H * d) * sizeof(float);
-  const size_t lse_bytes = (size_t)(c->batch * H * r.L) * sizeof(float);
-  const size_t ws_bytes = ra_workspace_bytes(d);
-  ra_hold(stats, held);
-  int64_t *tables = malloc(sizeof(int64_t) * (size_t)(6 * H)); /* O(h), not counted */
-  r.acc = ra_alloc(stats, acc_bytes);
-  r.lse = ra_alloc(stats, lse_bytes);
-  r.ws = calloc((size_t)r.threads, sizeof(void *));
-  if (!tables || !r.acc || !r.lse || !r.ws) {
-    st = ra_fail(RA_ERR_OUT_OF_MEMORY, "could not allocate the accumulators of rank %d", tr->rank);
-    goto done;
+  const int threads = exec && exec->num_threads > 0 ? exec->num_threads : ra_default_num_threads();
+  ra_status st = RA_OK;
+  if (plan && plan->cfg.dtype == RA_BFLOAT16)
+    st = ra_fail(RA_ERR_UNSUPPORTED, "dtype: bfloat16 is supported by the CUDA backend only");
+  else if (plan && q.data && k.data && v.data && exec && exec->check_finite)
+    st = check_finite(&plan->cfg, plan->local_len, q, k, v, threads);
+  if (st == RA_OK) {
+    ra_cpu_backend cpu;
+    ra_backend be;
+    st = ra_cpu_backend_open(&cpu, threads, plan ? plan->cfg.head_dim : 1, stats, &be);
+    if (st == RA_OK) st = ra_ring_run(plan, tr, &be, q, k, v, o, lse, lse_ld, stats);
+    ra_cpu_backend_close(&cpu);
   }
-  for (int t = 0; t < r.threads; t++) {
-    if (!(r.ws[t] = ra_alloc(stats, ws_bytes))) {
-      st = ra_fail(RA_ERR_OUT_OF_MEMORY, "could not allocate kernel workspace");
-      goto done;
-    }
-    ra_workspace_init(r.ws[t], d);
-  }
-  memset(r.acc, 0, acc_bytes);
-  for (int64_t i = 0; i < c->batch * H * r.L; i++) r.lse[i] = -INFINITY;
-
-  for (int b = 0; b < c->num_branches && st == RA_OK; b++) {
-    if (plan->branch[b].span == 1) {
-      run_local_branch(&r, b, tables, tables + H, tables + 2 * H);
-      stats->steps++;
-    } else {
-      st = run_spanning_branch(&r, b, tables);
-    }
-  }
-  if (st == RA_OK) store_output(&r, o, lse, lse_ld);
-
-done:
-  if (r.ws)
-    for (int t = 0; t < r.threads; t++) ra_free(stats, r.ws[t], ws_bytes);
-  free(r.ws);
-  ra_free(stats, r.lse, lse_bytes);
-  ra_free(stats, r.acc, acc_bytes);
-  free(tables);
-  ra_release(stats, held);
-  if (st == RA_OK) return RA_OK;
-fail_early:
-  if (tr && tr->ops && tr->ops->abort) tr->ops->abort(tr->ctx);
+  /* a failed rank tells its peers, so that none waits for it forever */
+  if (st != RA_OK && tr && tr->ops && tr->ops->abort) tr->ops->abort(tr->ctx);
   return st;
 }

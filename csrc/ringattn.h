@@ -160,6 +160,11 @@ ra_status ra_inproc_world_create(int world_size, ra_inproc_world **world);
 void ra_inproc_world_destroy(ra_inproc_world *world);
 /* The transport endpoint of one rank of the world. */
 ra_transport ra_inproc_transport(ra_inproc_world *world, int rank);
+/* How a receive copies bytes from the sender's buffer (memcpy by default;
+ * ranks whose buffers live on a GPU set a device-to-device copy).  The copy
+ * runs on the receiving rank's thread and must be complete on return. */
+typedef ra_status (*ra_copy_fn)(void *ctx, void *dst, const void *src, size_t bytes);
+void ra_inproc_world_set_copy(ra_inproc_world *world, ra_copy_fn copy, void *ctx);
 
 /* ------------------------------------------------------------------ running */
 

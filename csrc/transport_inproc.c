@@ -33,6 +33,8 @@ typedef struct endpoint {
 
 struct ra_inproc_world {
   int size;
+  ra_copy_fn copy; /* how bytes move between ranks' buffers */
+  void *copy_ctx;
   pthread_mutex_t mu;
   pthread_cond_t cv;
   int aborted;
@@ -102,6 +104,8 @@ static ra_status wait_recv(endpoint *e, ra_request *req) {
   ra_status st = RA_OK;
   if (rec->bytes != bytes)
     st = ra_fail(RA_ERR_TRANSPORT, "rank %d: expected %zu bytes from rank %d, got %zu", e->rank, bytes, src, rec->bytes);
+  else if (w->copy)
+    st = w->copy(w->copy_ctx, req->handle, rec->buf, bytes);
   else
     memcpy(req->handle, rec->buf, bytes);
   pthread_mutex_lock(&w->mu);
@@ -187,6 +191,11 @@ void ra_inproc_world_destroy(ra_inproc_world *w) {
   free(w->queue);
   free(w->ends);
   free(w);
+}
+
+void ra_inproc_world_set_copy(ra_inproc_world *w, ra_copy_fn copy, void *ctx) {
+  w->copy = copy;
+  w->copy_ctx = ctx;
 }
 
 ra_transport ra_inproc_transport(ra_inproc_world *w, int rank) {

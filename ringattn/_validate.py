@@ -25,6 +25,8 @@ def array(x, name):
         if not hasattr(x, "__array__") and not isinstance(x, (list, tuple)):
             raise TypeError(f"{name} must be a NumPy array, got {type(x).__name__}")
         x = np.asarray(x)
+    if x.dtype.kind == "f" and not x.dtype.isnative:
+        x = x.astype(x.dtype.newbyteorder("="))  # same numbers, native byte order
     if x.dtype not in _DTYPES:
         hint = " (convert with .astype(np.float32))" if x.dtype.kind in "fiub" else ""
         raise TypeError(f"{name} must have dtype float32 or float16, got {x.dtype}{hint}")
@@ -36,7 +38,7 @@ def array(x, name):
     s = x.strides
     if (s[3] != es or any(st < 0 or st % es for st in s[:3])
             or x.ctypes.data % es):
-        x = np.ascontiguousarray(x)
+        x = np.array(x, order="C", copy=True)  # a fresh, aligned copy
     return x
 
 

@@ -299,3 +299,63 @@ def test_causal_prefix_independent_of_future():
     v2[:, 100:] = -3.0
     o2 = ringattn.dilated_attention(q, k2, v2, [64, 128], [1, 2], causal=True, mode="longnet")
     np.testing.assert_allclose(o[:, :100], o2[:, :100], rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------ out= (poison)
+
+@pytest.mark.parametrize("mode", ["groups", "longnet"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_out_argument_is_fully_overwritten(mode, dtype):
+    """out= prefilled with NaN: every element is written (inactive rows with 0)."""
+    b, n, h, d = 2, 128, 5, 32
+    segs, rates = [32, 128], [4, 2]
+    q, k, v = make_qkv(40, b, n, h, d, dtype)
+    out = np.full(q.shape, np.nan, dtype)
+    res = ringattn.dilated_attention(q, k, v, segs, rates, causal=True, mode=mode, out=out)
+    assert res is out
+    ro, rl = reference_attention(q, k, v, segs, rates, causal=True, mode=mode)
+    assert_out_close(out, ro, dtype)
+    inactive = np.moveaxis(np.isneginf(rl), 1, 2)  # (b, n, h)
+    assert np.all(out[inactive] == 0)
+    # also with return_lse
+    out2 = np.full(q.shape, np.inf, dtype)
+    res2, lse = ringattn.dilated_attention(q, k, v, segs, rates, causal=True, mode=mode, out=out2,
+                                          return_lse=True)
+    assert res2 is out2
+    assert_out_close(out2, ro, dtype)
+    assert_lse_close(lse, rl, dtype)
+
+
+def test_out_argument_noncontiguous_rows():
+    """out whose (b, n, h) strides are not C order but whose head dim is contiguous."""
+    q, k, v = make_qkv(41, 2, 64, 3, 16)
+    store = np.full((2, 3, 64, 16), np.nan, np.float32)
+    out = store.transpose(0, 2, 1, 3)
+    res = ringattn.dilated_attention(q, k, v, [64], [1], causal=True, out=out)
+    assert res is out
+    ro, _ = dense_attention(q, k, v, causal=True)
+    assert_out_close(store.transpose(0, 2, 1, 3), ro, np.float32)
+
+
+@pytest.mark.parametrize("bad", ["dtype", "shape", "reversed", "strided_d", "readonly"])
+def test_out_argument_errors(bad):
+    q, k, v = make_qkv(42, 1, 64, 2, 16)
+    out = {
+        "dtype": lambda: np.empty(q.shape, np.float16),
+        "shape": lambda: np.empty((1, 64, 2, 8), np.float32),
+        "reversed": lambda: np.empty(q.shape, np.float32)[:, ::-1],
+        "strided_d": lambda: np.empty((1, 64, 2, 32), np.float32)[..., ::2],
+        "readonly": lambda: np.broadcast_to(np.empty((1, 1, 2, 16), np.float32), q.shape),
+    }[bad]()
+    with pytest.raises((ValueError, TypeError), match=r"(?<![A-Za-z0-9_])out(?![A-Za-z0-9_])"):
+        ringattn.dilated_attention(q, k, v, [64], [1], out=out)
+
+
+def test_ring_out_argument_poisoned():
+    q, k, v = make_qkv(43, 1, 256, 4, 16)
+    attn = ringattn.RingDilatedAttention([64, 256], [4, 2], causal=True, world_size=4)
+    out = np.full(q.shape, np.nan, np.float32)
+    res = attn(q, k, v, out=out)
+    assert res is out
+    ro, _ = reference_attention(q, k, v, [64, 256], [4, 2], causal=True)
+    assert_out_close(out, ro, np.float32)

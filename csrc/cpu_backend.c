@@ -1,0 +1,125 @@
+/*
+ * cpu_backend.c -- the ring driver's backend on the CPU: host memory,
+ * OpenMP threads over (task, query block), the flash kernel of
+ * cpu_kernel.c, and plain row copies for packing.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "internal.h"
+
+static void *cpu_alloc(void *ctx, size_t bytes) {
+  (void)ctx;
+  return ra_alloc(NULL, bytes); /* the driver counts backend memory */
+}
+
+static void cpu_free(void *ctx, void *ptr) {
+  (void)ctx;
+  ra_free(NULL, ptr, 0);
+}
+
+static ra_status cpu_init_state(void *ctx, float *acc, int64_t acc_n, float *lse, int64_t lse_n) {
+  (void)ctx;
+  memset(acc, 0, sizeof(float) * (size_t)acc_n);
+  for (int64_t i = 0; i < lse_n; i++) lse[i] = -INFINITY;
+  return RA_OK;
+}
+
+static ra_status cpu_gather(void *ctx, const ra_gather_batch *g) {
+  const ra_cpu_backend *cpu = ctx;
+  const size_t es = ra_dtype_size(g->dtype), row = (size_t)g->head_dim * es;
+#pragma omp parallel for num_threads(cpu->threads) schedule(static)
+  for (int64_t i = 0; i < g->ntasks; i++) {
+    const ra_copy_task *t = &g->tasks[i];
+    for (int64_t r = 0; r < t->count; r++)
+      memcpy((char *)g->dst + (size_t)(t->dst + r * g->head_dim) * es,
+             (const char *)g->src + (size_t)(t->src + r * g->src_stride) * es, row);
+  }
+  return RA_OK;
+}
+
+static ra_status cpu_attend(void *ctx, const ra_attend_batch *a) {
+  const ra_cpu_backend *cpu = ctx;
+  const size_t es = ra_dtype_size(a->dtype);
+  int64_t max_nq = 0;
+  for (int64_t i = 0; i < a->ntasks; i++)
+    if (a->tasks[i].nq > max_nq) max_nq = a->tasks[i].nq;
+  const int64_t blocks = (max_nq + RA_CPU_BLOCK_Q - 1) / RA_CPU_BLOCK_Q;
+  const int64_t items = a->ntasks * blocks;
+#pragma omp parallel for num_threads(cpu->threads) schedule(dynamic, 1)
+  for (int64_t it = 0; it < items; it++) {
+    const ra_attend_task *t = &a->tasks[it / blocks];
+    const int64_t q0 = (it % blocks) * RA_CPU_BLOCK_Q;
+    if (q0 >= t->nq) continue;
+    int tid = 0;
+#ifdef _OPENMP
+    tid = omp_get_thread_num();
+#endif
+    const int64_t nq = t->nq - q0 < RA_CPU_BLOCK_Q ? t->nq - q0 : RA_CPU_BLOCK_Q;
+    ra_tokens qt = {(const char *)a->q + (size_t)(t->q + q0 * a->q_stride) * es, a->q_stride, nq,
+                    t->qpos0 + q0 * a->rate};
+    ra_tokens kt = {(const char *)a->k + (size_t)t->k * es, a->k_stride, t->nk, t->kpos0};
+    ra_cpu_attend((ra_workspace *)cpu->ws[tid], a->dtype, a->head_dim, a->scale, a->causal, a->rate,
+                  qt, kt, (const char *)a->v + (size_t)t->v * es, a->v_stride,
+                  a->acc + t->acc + q0 * a->acc_stride, a->acc_stride,
+                  a->lse + t->lse + q0 * a->lse_stride, a->lse_stride);
+  }
+  return RA_OK;
+}
+
+static ra_status cpu_store(void *ctx, const ra_config *c, int64_t L, const float *acc,
+                           const float *lse_state, ra_tensor o, float *lse, int64_t lse_ld) {
+  const ra_cpu_backend *cpu = ctx;
+  const int64_t H = c->num_heads, d = c->head_dim, rows = c->batch * L * H;
+  const size_t es = ra_dtype_size(c->dtype);
+#pragma omp parallel for num_threads(cpu->threads) schedule(static)
+  for (int64_t i = 0; i < rows; i++) {
+    const int64_t h = i % H, p = (i / H) % L, bb = i / H / L;
+    ra_store_row((char *)o.data + (size_t)(bb * o.stride_b + p * o.stride_n + h * o.stride_h) * es,
+                 c->dtype, acc + i * d, d);
+  }
+  if (lse)
+    for (int64_t bh = 0; bh < c->batch * H; bh++)
+      memcpy(lse + bh * lse_ld, lse_state + bh * L, sizeof(float) * (size_t)L);
+  return RA_OK;
+}
+
+static ra_status cpu_sync(void *ctx) {
+  (void)ctx; /* every CPU operation has finished when it returns */
+  return RA_OK;
+}
+
+static const ra_backend_ops cpu_ops = {"cpu", cpu_alloc, cpu_free, cpu_init_state, cpu_gather,
+                                       cpu_attend, cpu_store, cpu_sync};
+
+ra_status ra_cpu_backend_open(ra_cpu_backend *cpu, int threads, int64_t head_dim,
+                              ra_stats *stats, ra_backend *out) {
+  memset(cpu, 0, sizeof *cpu);
+  cpu->threads = threads > 0 ? threads : 1;
+  cpu->head_dim = head_dim;
+  cpu->stats = stats;
+  cpu->ws = calloc((size_t)cpu->threads, sizeof(void *));
+  if (!cpu->ws) return ra_fail(RA_ERR_OUT_OF_MEMORY, "could not allocate kernel workspaces");
+  for (int t = 0; t < cpu->threads; t++) {
+    if (!(cpu->ws[t] = ra_alloc(stats, ra_workspace_bytes(head_dim)))) {
+      ra_cpu_backend_close(cpu);
+      return ra_fail(RA_ERR_OUT_OF_MEMORY, "could not allocate kernel workspaces");
+    }
+    ra_workspace_init(cpu->ws[t], head_dim);
+  }
+  out->ops = &cpu_ops;
+  out->ctx = cpu;
+  return RA_OK;
+}
+
+void ra_cpu_backend_close(ra_cpu_backend *cpu) {
+  if (cpu->ws)
+    for (int t = 0; t < cpu->threads; t++) ra_free(cpu->stats, cpu->ws[t], ra_workspace_bytes(cpu->head_dim));
+  free(cpu->ws);
+  cpu->ws = NULL;
+}
