@@ -168,6 +168,30 @@ ra_status ra_ring_run(const ra_plan *plan, const ra_transport *transport,
                       ra_tensor v, ra_tensor o, float *lse, int64_t lse_ld,
                       ra_stats *stats);
 
+/* ------------------------------------------------------------ communicators */
+
+/* What every communicator provides; comm_mpi.c and comm_nccl.c fill it. */
+struct ra_comm {
+  ra_comm_backend kind;
+  int rank, size;
+  ra_transport transport;
+  /* allgather of host memory (the agreement uses it on every backend) */
+  ra_status (*allgather_host)(ra_comm *comm, const void *send, size_t bytes, void *recv);
+  /* allgather of the backend's own memory (device memory for NCCL) */
+  ra_status (*allgather)(ra_comm *comm, const void *send, size_t bytes, void *recv);
+  /* run one rank of the ring on this communicator's backend */
+  ra_status (*ring)(ra_comm *comm, const ra_plan *plan, ra_tensor q, ra_tensor k, ra_tensor v,
+                    ra_tensor o, float *lse, int64_t lse_ld, const ra_exec *exec, ra_stats *stats);
+  void (*destroy)(ra_comm *comm);
+  void *impl;
+};
+
+/* One rank of the ring on the CUDA backend over any transport: q, k, v, o
+ * and lse are device memory on `device` (used by the NCCL communicator). */
+ra_status ra_cuda_ring_rank(const ra_plan *plan, const ra_transport *transport, int device,
+                            ra_tensor q, ra_tensor k, ra_tensor v, ra_tensor o, float *lse,
+                            int64_t lse_ld, ra_stats *stats);
+
 /* ------------------------------------------------------------ conversions */
 
 /* Nonzero when every element of a (b, n, h, d) tensor is finite. */

@@ -194,6 +194,68 @@ ra_status ra_inproc_forward(const ra_plan *plan, ra_tensor q, ra_tensor k,
                             ra_tensor v, ra_tensor o, float *lse,
                             const ra_exec *exec, ra_stats *stats);
 
+/* ------------------------------------------------------------ communicators */
+
+/* A communicator joins this process to the other ranks of a real
+ * distributed run: MPI between CPU processes, NCCL between GPUs.  Every
+ * collective call (create, agree, forward, allgather, destroy) must be made
+ * by all ranks in the same order. */
+typedef struct ra_comm ra_comm;
+
+typedef enum ra_comm_backend {
+  RA_COMM_MPI = 1,
+  RA_COMM_NCCL = 2
+} ra_comm_backend;
+
+/* Nonzero when this build has MPI / NCCL support. */
+int ra_have_mpi(void);
+int ra_have_nccl(void);
+
+/* MPI: `mpi_comm` points to an MPI_Comm (NULL: MPI_COMM_WORLD).  MPI is
+ * initialised (MPI_THREAD_SERIALIZED) if nobody has done it; the
+ * communicator is duplicated so ringattn's messages never meet the
+ * caller's. */
+ra_status ra_comm_create_mpi(const void *mpi_comm, ra_comm **comm);
+
+/* NCCL: all ranks pass the same 128-byte id (from ra_nccl_unique_id on one
+ * rank), the world size, their rank and their CUDA device.  libnccl is
+ * loaded at run time, so a build made without a GPU still links. */
+#define RA_NCCL_UNIQUE_ID_BYTES 128
+ra_status ra_nccl_unique_id(unsigned char id[RA_NCCL_UNIQUE_ID_BYTES]);
+ra_status ra_comm_create_nccl(const unsigned char id[RA_NCCL_UNIQUE_ID_BYTES],
+                              int world_size, int rank, int device,
+                              ra_comm **comm);
+/* NCCL communicator whose id is shared over MPI (mpi_comm as above). */
+ra_status ra_comm_create_nccl_from_mpi(const void *mpi_comm, int device,
+                                       ra_comm **comm);
+void ra_comm_destroy(ra_comm *comm);
+
+int ra_comm_rank(const ra_comm *comm);
+int ra_comm_size(const ra_comm *comm);
+ra_comm_backend ra_comm_kind(const ra_comm *comm);
+/* The transport of this communicator (valid until ra_comm_destroy). */
+ra_transport ra_comm_transport(ra_comm *comm);
+
+/* Collective agreement before any ring traffic: each rank brings its local
+ * status (with its message) and configuration (NULL if it has none); every
+ * rank returns RA_OK only when all ranks are OK with equal configurations,
+ * and otherwise the same failure naming the rank and the cause.  This is
+ * how one rank's bad input becomes an error everywhere instead of a hang. */
+ra_status ra_comm_agree(ra_comm *comm, ra_status local, const char *local_message,
+                        const ra_config *cfg);
+
+/* Gather `bytes` from every rank into recv (rank r's at recv + r*bytes);
+ * host memory for MPI, device memory for NCCL. */
+ra_status ra_comm_allgather(ra_comm *comm, const void *send, size_t bytes, void *recv);
+
+/* One rank of a distributed ring: plan, agreement, then the ring over the
+ * communicator's transport.  cfg describes the full sequence (seq_len = k *
+ * local length, world_size = communicator size); q, k, v, o are this rank's
+ * shards (host memory for MPI).  lse as in ra_ring_forward. */
+ra_status ra_comm_forward(const ra_config *cfg, ra_comm *comm, ra_tensor q,
+                          ra_tensor k, ra_tensor v, ra_tensor o, float *lse,
+                          int64_t lse_ld, const ra_exec *exec, ra_stats *stats);
+
 /* --------------------------------------------------------------------- merge */
 
 /* Merge a partial attention result into an accumulated one by log-sum-exp:

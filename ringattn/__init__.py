@@ -9,6 +9,7 @@ See docs/ for the semantics, the ring schedule and the measurements.
 """
 
 from ._core import RingAttnError, cuda_device_count
+from ._comm import Communicator, nccl_unique_id
 from ._api import (
     RingDilatedAttention,
     dilated_attention,
@@ -21,11 +22,13 @@ from ._api import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Communicator",
     "RingAttnError",
     "RingDilatedAttention",
     "cuda_device_count",
     "dilated_attention",
     "gather_sequence",
+    "nccl_unique_id",
     "get_num_threads",
     "set_num_threads",
     "split_sequence",

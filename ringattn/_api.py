@@ -4,6 +4,7 @@ import numpy as np
 
 from . import _core
 from . import _validate as check
+from ._comm import Communicator
 
 _threads = {"n": 0}  # 0: the core's default (RINGATTN_NUM_THREADS or all cores)
 
@@ -62,14 +63,22 @@ class RingDilatedAttention:
     """
 
     def __init__(self, segment_lengths, dilation_rates, *, causal=False, mode="groups", scale=None,
-                 world_size=1, nan_policy="raise", num_threads=None):
+                 world_size=None, nan_policy="raise", num_threads=None, comm=None):
         self.segment_lengths, self.dilation_rates = check.branches(segment_lengths, dilation_rates)
         self.causal = bool(causal)
         self.mode = mode
         self._mode = check.mode(mode)
         self.scale = scale
         self._scale = check.scale(scale)
-        self.world_size = check.positive_int(world_size, "world_size")
+        if comm is not None and not isinstance(comm, Communicator):
+            raise TypeError(f"comm must be a ringattn.Communicator, got {type(comm).__name__}")
+        self.comm = comm
+        if comm is None:
+            self.world_size = 1 if world_size is None else check.positive_int(world_size, "world_size")
+        else:
+            if world_size is not None and world_size != comm.world_size:
+                raise ValueError(f"world_size={world_size} but comm has {comm.world_size} ranks")
+            self.world_size = comm.world_size
         self.nan_policy = nan_policy
         self._check = check.nan_policy(nan_policy)
         self.num_threads = None if num_threads is None else check.num_threads(num_threads)
@@ -88,6 +97,10 @@ class RingDilatedAttention:
                           self._mode, self._scale, self.world_size)
 
     def __call__(self, q, k, v, *, return_lse=False, out=None):
+        """Full-length q, k, v (in-process ranks), or with comm= this rank's
+        shards (b, n/k, h, d); returns the output of the same length."""
+        if self.comm is not None:
+            return self._call_comm(q, k, v, return_lse, out)
         result, stats = _run(q, k, v, self.segment_lengths, self.dilation_rates, self.causal,
                              self._mode, self._scale, self.world_size, self._check, self.num_threads,
                              return_lse, out)
@@ -95,8 +108,34 @@ class RingDilatedAttention:
         return result
 
 
-def split_sequence(x, world_size, rank):
-    """Rank `rank`'s shard of x along the sequence axis (axis 1): a view."""
+    def _call_comm(self, q, k, v, return_lse, out):
+        comm = self.comm
+        try:  # a rank that refuses its input still joins the agreement
+            q, k, v = check.qkv(q, k, v)
+            out = check.out_array(out, q)
+            threads = check.num_threads(self.num_threads) or _threads["n"]
+        except (TypeError, ValueError) as e:
+            comm.refuse(e)
+            raise
+        b, n_local, h, _ = q.shape
+        lse = np.empty((b, h, n_local), dtype=np.float32) if return_lse else None
+        stats = _core.comm_forward(comm=comm.handle(), q=q, k=k, v=v, out=out, lse=lse,
+                                   segment_lengths=self.segment_lengths,
+                                   dilation_rates=self.dilation_rates, causal=self.causal,
+                                   mode=self._mode, scale=self._scale, num_threads=threads,
+                                   check_finite=self._check)
+        self.last_stats = {key: [stats[0][key]] for key in stats[0]}
+        return (out, lse) if return_lse else out
+
+
+def split_sequence(x, world_size=None, rank=None, *, comm=None):
+    """Rank `rank`'s shard of x along the sequence axis (axis 1): a view.
+    With comm=, world_size and rank default to the communicator's."""
+    if comm is not None:
+        world_size = comm.world_size if world_size is None else world_size
+        rank = comm.rank if rank is None else rank
+    if world_size is None or rank is None:
+        raise TypeError("split_sequence needs world_size and rank (or comm=)")
     world_size = check.positive_int(world_size, "world_size")
     if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)):
         raise TypeError(f"rank must be an integer, got {rank!r}")
@@ -112,8 +151,19 @@ def split_sequence(x, world_size, rank):
     return x[:, rank * L:(rank + 1) * L]
 
 
-def gather_sequence(shards):
-    """Concatenate per-rank shards along the sequence axis (axis 1)."""
+def gather_sequence(shards, *, comm=None):
+    """Concatenate per-rank shards along the sequence axis (axis 1).
+
+    With comm=, `shards` is this rank's shard and every rank receives the
+    whole sequence (an allgather over the communicator)."""
+    if comm is not None:
+        local = np.ascontiguousarray(shards)
+        if local.ndim < 2:
+            raise ValueError(f"shards must have a sequence axis (axis 1), got shape {local.shape}")
+        recv = np.empty((comm.world_size,) + local.shape, dtype=local.dtype)
+        _core.comm_allgather(comm.handle(), local.view(np.uint8).reshape(-1),
+                             recv.view(np.uint8).reshape(-1))
+        return np.concatenate(list(recv), axis=1)
     shards = list(shards)
     if not shards:
         raise ValueError("shards must not be empty")

@@ -221,6 +221,196 @@ static PyObject *py_forward(PyObject *self, PyObject *args, PyObject *kw) {
   return out;
 }
 
+/* ------------------------------------------------------------ communicators */
+
+#define COMM_CAPSULE "ringattn.comm"
+
+static void comm_capsule_destroy(PyObject *capsule) {
+  ra_comm *c = PyCapsule_GetPointer(capsule, COMM_CAPSULE);
+  if (c) ra_comm_destroy(c);
+}
+
+static PyObject *wrap_comm(ra_status st, ra_comm *c) {
+  if (st != RA_OK) return raise_status(st);
+  return PyCapsule_New(c, COMM_CAPSULE, comm_capsule_destroy);
+}
+
+/* The communicator of a capsule; NULL (with an exception) once closed. */
+static ra_comm *get_comm(PyObject *capsule) {
+  ra_comm *c = PyCapsule_GetPointer(capsule, COMM_CAPSULE);
+  if (!c && !PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "comm has been closed");
+  return c;
+}
+
+static PyObject *py_comm_mpi(PyObject *self, PyObject *arg) {
+  (void)self;
+  void *handle = NULL; /* address of an MPI_Comm, or None for MPI_COMM_WORLD */
+  if (arg != Py_None && !(handle = PyLong_AsVoidPtr(arg)) && PyErr_Occurred()) return NULL;
+  ra_comm *c = NULL;
+  ra_status st;
+  Py_BEGIN_ALLOW_THREADS
+  st = ra_comm_create_mpi(handle, &c);
+  Py_END_ALLOW_THREADS
+  return wrap_comm(st, c);
+}
+
+static PyObject *py_comm_nccl(PyObject *self, PyObject *args) {
+  (void)self;
+  Py_buffer id;
+  int world, rank, device;
+  if (!PyArg_ParseTuple(args, "y*iii", &id, &world, &rank, &device)) return NULL;
+  if (id.len != RA_NCCL_UNIQUE_ID_BYTES) {
+    PyBuffer_Release(&id);
+    return PyErr_Format(PyExc_ValueError, "unique_id must be %d bytes, got %zd", RA_NCCL_UNIQUE_ID_BYTES, id.len);
+  }
+  ra_comm *c = NULL;
+  ra_status st;
+  Py_BEGIN_ALLOW_THREADS
+  st = ra_comm_create_nccl(id.buf, world, rank, device, &c);
+  Py_END_ALLOW_THREADS
+  PyBuffer_Release(&id);
+  return wrap_comm(st, c);
+}
+
+static PyObject *py_comm_nccl_from_mpi(PyObject *self, PyObject *args) {
+  (void)self;
+  PyObject *h;
+  int device;
+  if (!PyArg_ParseTuple(args, "Oi", &h, &device)) return NULL;
+  void *handle = NULL;
+  if (h != Py_None && !(handle = PyLong_AsVoidPtr(h)) && PyErr_Occurred()) return NULL;
+  ra_comm *c = NULL;
+  ra_status st;
+  Py_BEGIN_ALLOW_THREADS
+  st = ra_comm_create_nccl_from_mpi(handle, device, &c);
+  Py_END_ALLOW_THREADS
+  return wrap_comm(st, c);
+}
+
+static PyObject *py_nccl_unique_id(PyObject *self, PyObject *unused) {
+  (void)self;
+  (void)unused;
+  unsigned char id[RA_NCCL_UNIQUE_ID_BYTES];
+  ra_status st = ra_nccl_unique_id(id);
+  if (st != RA_OK) return raise_status(st);
+  return PyBytes_FromStringAndSize((const char *)id, sizeof id);
+}
+
+static PyObject *py_comm_info(PyObject *self, PyObject *capsule) {
+  (void)self;
+  ra_comm *c = get_comm(capsule);
+  if (!c) return NULL;
+  return Py_BuildValue("(iis)", ra_comm_rank(c), ra_comm_size(c), ra_comm_kind(c) == RA_COMM_MPI ? "mpi" : "nccl");
+}
+
+static PyObject *py_comm_close(PyObject *self, PyObject *capsule) {
+  (void)self;
+  ra_comm *c = get_comm(capsule);
+  if (!c) return NULL;
+  if (PyCapsule_SetDestructor(capsule, NULL) < 0) return NULL;
+  ra_comm_destroy(c);
+  /* a capsule cannot hold NULL: point it at a name-mismatched dummy */
+  PyCapsule_SetName(capsule, "ringattn.comm.closed");
+  Py_RETURN_NONE;
+}
+
+/* A rank whose Python-side validation failed still takes part in the
+ * agreement, so its peers raise instead of hanging. */
+static PyObject *py_comm_fail(PyObject *self, PyObject *args) {
+  (void)self;
+  PyObject *capsule;
+  const char *message;
+  int kind; /* 0: ValueError, 1: TypeError */
+  if (!PyArg_ParseTuple(args, "Osi", &capsule, &message, &kind)) return NULL;
+  ra_comm *c = get_comm(capsule);
+  if (!c) return NULL;
+  ra_status st;
+  Py_BEGIN_ALLOW_THREADS
+  st = ra_comm_agree(c, kind ? RA_ERR_UNSUPPORTED : RA_ERR_INVALID_ARGUMENT, message, NULL);
+  Py_END_ALLOW_THREADS
+  (void)st; /* the caller raises its own exception */
+  Py_RETURN_NONE;
+}
+
+static PyObject *py_comm_allgather(PyObject *self, PyObject *args) {
+  (void)self;
+  PyObject *capsule;
+  Py_buffer in, out;
+  if (!PyArg_ParseTuple(args, "Oy*w*", &capsule, &in, &out)) return NULL;
+  ra_comm *c = get_comm(capsule);
+  PyObject *result = NULL;
+  if (c && out.len != in.len * ra_comm_size(c)) {
+    PyErr_Format(PyExc_ValueError, "out must hold world_size * %zd bytes", in.len);
+  } else if (c) {
+    ra_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = ra_comm_allgather(c, in.buf, (size_t)in.len, out.buf);
+    Py_END_ALLOW_THREADS
+    if (st == RA_OK) {
+      Py_INCREF(Py_None);
+      result = Py_None;
+    }
+    else raise_status(st);
+  }
+  PyBuffer_Release(&in);
+  PyBuffer_Release(&out);
+  return result;
+}
+
+static PyObject *py_comm_forward(PyObject *self, PyObject *args, PyObject *kw) {
+  (void)self;
+  static char *names[] = {"comm", "q", "k", "v", "out", "lse", "segment_lengths", "dilation_rates", "causal",
+                          "mode", "scale", "num_threads", "check_finite", NULL};
+  PyObject *capsule, *qo, *ko, *vo, *oo, *lo, *segs, *rates;
+  int causal, mode, threads, check;
+  double scale;
+  if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOOOpidip", names, &capsule, &qo, &ko, &vo, &oo, &lo, &segs,
+                                   &rates, &causal, &mode, &scale, &threads, &check))
+    return NULL;
+  ra_comm *c = get_comm(capsule);
+  if (!c) return NULL;
+  if (!PyArray_Check(qo)) return PyErr_Format(PyExc_TypeError, "q must be a numpy.ndarray");
+  PyArrayObject *qa = (PyArrayObject *)qo;
+  ra_config cfg;
+  ra_config_init(&cfg);
+  if (PyArray_NDIM(qa) != 4 || dtype_code(qa, &cfg.dtype) != 0)
+    return PyErr_Format(PyExc_TypeError, "q must be a 4-d float32 or float16 array");
+  const npy_intp *shape = PyArray_DIMS(qa);
+  cfg.batch = shape[0];
+  cfg.seq_len = shape[1] * ra_comm_size(c); /* q is this rank's shard */
+  cfg.num_heads = shape[2];
+  cfg.head_dim = shape[3];
+  if (read_config(&cfg, segs, rates, causal, mode, scale, ra_comm_size(c))) return NULL;
+  ra_tensor q, k, v, o;
+  if (as_tensor(qo, "q", cfg.dtype, shape, 0, &q) || as_tensor(ko, "k", cfg.dtype, shape, 0, &k) ||
+      as_tensor(vo, "v", cfg.dtype, shape, 0, &v) || as_tensor(oo, "out", cfg.dtype, shape, 1, &o))
+    return NULL;
+  float *lse = NULL;
+  if (lo != Py_None) {
+    PyArrayObject *la = (PyArrayObject *)lo;
+    if (!PyArray_Check(lo) || PyArray_TYPE(la) != NPY_FLOAT32 || PyArray_NDIM(la) != 3 ||
+        !PyArray_IS_C_CONTIGUOUS(la) || PyArray_DIMS(la)[0] != shape[0] || PyArray_DIMS(la)[1] != shape[2] ||
+        PyArray_DIMS(la)[2] != shape[1])
+      return PyErr_Format(PyExc_ValueError, "lse must be a C-contiguous float32 array (b, h, n_local)");
+    lse = PyArray_DATA(la);
+  }
+  ra_stats stats;
+  ra_exec exec = {threads, check};
+  ra_status st;
+  Py_BEGIN_ALLOW_THREADS
+  st = ra_comm_forward(&cfg, c, q, k, v, o, lse, shape[1], &exec, &stats);
+  Py_END_ALLOW_THREADS
+  if (st != RA_OK) return raise_status(st);
+  return stats_tuple(&stats, 1);
+}
+
+static PyObject *py_have(PyObject *self, PyObject *unused) {
+  (void)self;
+  (void)unused;
+  return Py_BuildValue("{sOsO}", "mpi", ra_have_mpi() ? Py_True : Py_False, "nccl",
+                       ra_have_nccl() ? Py_True : Py_False);
+}
+
 static PyObject *py_default_num_threads(PyObject *self, PyObject *unused) {
   (void)self;
   (void)unused;
@@ -245,6 +435,17 @@ static PyMethodDef methods[] = {
      "Validate a configuration; return its schedule (local_len, scale, branches)."},
     {"forward", (PyCFunction)(void (*)(void))py_forward, METH_VARARGS | METH_KEYWORDS,
      "Run all ranks in process; write out (and lse); return per-rank stats."},
+    {"comm_mpi", py_comm_mpi, METH_O, "MPI communicator (address of an MPI_Comm, or None for WORLD)."},
+    {"comm_nccl", py_comm_nccl, METH_VARARGS, "NCCL communicator (unique_id, world_size, rank, device)."},
+    {"comm_nccl_from_mpi", py_comm_nccl_from_mpi, METH_VARARGS, "NCCL communicator with its id shared over MPI."},
+    {"nccl_unique_id", py_nccl_unique_id, METH_NOARGS, "A fresh NCCL unique id (bytes)."},
+    {"comm_info", py_comm_info, METH_O, "(rank, world_size, backend) of a communicator."},
+    {"comm_close", py_comm_close, METH_O, "Destroy a communicator (collective)."},
+    {"comm_fail", py_comm_fail, METH_VARARGS, "Tell the other ranks this rank's input was refused."},
+    {"comm_allgather", py_comm_allgather, METH_VARARGS, "Allgather bytes into a writable buffer."},
+    {"comm_forward", (PyCFunction)(void (*)(void))py_comm_forward, METH_VARARGS | METH_KEYWORDS,
+     "One rank of a distributed ring on this rank's shards; returns its stats."},
+    {"have", py_have, METH_NOARGS, "Which optional parts this build has."},
     {"default_num_threads", py_default_num_threads, METH_NOARGS, "Cores the CPU kernels use by default."},
     {"cuda_device_count", py_cuda_device_count, METH_NOARGS,
      "CUDA devices this build can use (0 without CUDA, driver or device)."},

@@ -1,0 +1,713 @@
+/*
+ * _cuda.c -- the CPython extension of the GPU path: raw device pointers in,
+ * ra_cuda_forward out, plus the few CUDA runtime calls the Python side needs
+ * (allocation, host/device copies, stream synchronisation, pointer queries)
+ * and the export of device memory as a DLPack capsule.
+ *
+ * Everything that parses __cuda_array_interface__ / DLPack objects and checks
+ * arguments lives in ringattn/_device.py; this module trusts integers as
+ * pointers and only checks what would otherwise crash the C core.  In a build
+ * without CUDA (no RA_WITH_CUDA) the module still imports: device_count() is
+ * 0, forward() reports the core's RA_ERR_UNSUPPORTED, and the runtime calls
+ * raise RuntimeError.  to_dlpack() works in every build (it only builds a
+ * struct), which is how the CPU test suite checks the exported layout.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "ringattn.h"
+
+#ifdef RA_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+static PyObject *RingAttnError; /* ringattn._core.RingAttnError (or RuntimeError) */
+
+/* ------------------------------------------------------------ DLPack ABI */
+/* The DLPack ABI (dlpack.h, v0.8 legacy and v1.x versioned), written out here
+ * from the published struct layouts so that no header is needed. */
+
+typedef struct {
+  int32_t device_type; /* DLDeviceType: 1 CPU, 2 CUDA, ... */
+  int32_t device_id;
+} DLDevice;
+
+typedef struct {
+  uint8_t code; /* 0 int, 1 uint, 2 float, 4 bfloat */
+  uint8_t bits;
+  uint16_t lanes;
+} DLDataType;
+
+typedef struct {
+  void *data;
+  DLDevice device;
+  int32_t ndim;
+  DLDataType dtype;
+  int64_t *shape;
+  int64_t *strides; /* in elements; NULL means compact row-major */
+  uint64_t byte_offset;
+} DLTensor;
+
+typedef struct DLManagedTensor {
+  DLTensor dl_tensor;
+  void *manager_ctx;
+  void (*deleter)(struct DLManagedTensor *self);
+} DLManagedTensor;
+
+typedef struct {
+  uint32_t major;
+  uint32_t minor;
+} DLPackVersion;
+
+typedef struct DLManagedTensorVersioned {
+  DLPackVersion version;
+  void *manager_ctx;
+  void (*deleter)(struct DLManagedTensorVersioned *self);
+  uint64_t flags;
+  DLTensor dl_tensor;
+} DLManagedTensorVersioned;
+
+#define RA_DLPACK_FLAG_READ_ONLY ((uint64_t)1 << 0)
+
+/* ---------------------------------------------------------------- errors */
+
+static PyObject *raise_status(ra_status st) {
+  PyObject *type = RingAttnError;
+  switch (st) {
+    case RA_ERR_INVALID_ARGUMENT:
+    case RA_ERR_NONFINITE: type = PyExc_ValueError; break;
+    case RA_ERR_UNSUPPORTED: type = PyExc_TypeError; break;
+    case RA_ERR_OUT_OF_MEMORY: type = PyExc_MemoryError; break;
+    default: break;
+  }
+  const char *msg = ra_last_error();
+  PyErr_Format(type, "%s", (msg && *msg) ? msg : ra_status_string(st));
+  return NULL;
+}
+
+#ifdef RA_WITH_CUDA
+static PyObject *raise_cuda(cudaError_t err, const char *what) {
+  cudaGetLastError(); /* clear a non-sticky error so the next call starts clean */
+  PyObject *type = err == cudaErrorMemoryAllocation ? PyExc_MemoryError : RingAttnError;
+  PyErr_Format(type, "%s: CUDA error %d (%s)", what, (int)err, cudaGetErrorString(err));
+  return NULL;
+}
+
+/* Make `device` current for the duration of a call (device < 0: leave as is). */
+typedef struct {
+  int prev;
+  int changed;
+} device_guard;
+
+static cudaError_t guard_enter(device_guard *g, int device) {
+  g->prev = -1;
+  g->changed = 0;
+  if (device < 0) return cudaSuccess;
+  cudaError_t err = cudaGetDevice(&g->prev);
+  if (err != cudaSuccess) return err;
+  if (g->prev == device) return cudaSuccess;
+  err = cudaSetDevice(device);
+  if (err == cudaSuccess) g->changed = 1;
+  return err;
+}
+
+static void guard_exit(device_guard *g) {
+  if (g->changed) cudaSetDevice(g->prev);
+}
+#else
+static PyObject *no_cuda(void) {
+  PyErr_SetString(PyExc_RuntimeError,
+                  "ringattn was built without CUDA: rebuild with nvcc available "
+                  "(meson setup -Dcuda=enabled) to use GPU arrays");
+  return NULL;
+}
+#endif
+
+/* -------------------------------------------------------------- helpers */
+
+/* A Python int as an address (0 allowed). */
+static int as_address(PyObject *obj, const char *name, uintptr_t *out) {
+  if (!PyLong_Check(obj)) {
+    PyErr_Format(PyExc_TypeError, "%s must be an int (a device address), got %.100s", name,
+                 Py_TYPE(obj)->tp_name);
+    return -1;
+  }
+  unsigned long long v = PyLong_AsUnsignedLongLong(obj);
+  if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+    PyErr_Clear();
+    PyErr_Format(PyExc_ValueError, "%s must be a non-negative address that fits 64 bits", name);
+    return -1;
+  }
+  *out = (uintptr_t)v;
+  return 0;
+}
+
+/* A stream handle: an int (0 = the default stream) or None (= 0). */
+static int as_stream(PyObject *obj, void **out) {
+  if (obj == Py_None) {
+    *out = NULL;
+    return 0;
+  }
+  uintptr_t s;
+  if (as_address(obj, "stream", &s)) return -1;
+  *out = (void *)s;
+  return 0;
+}
+
+/* Read exactly `count` int64 values (count < 0: up to 16, *got set). */
+static int read_i64s(PyObject *seq, const char *name, int64_t *dst, int count, int *got) {
+  PyObject *fast = PySequence_Fast(seq, name);
+  if (!fast) return -1;
+  Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+  int max = count < 0 ? RA_MAX_BRANCHES : count;
+  if ((count >= 0 && n != count) || n > max) {
+    Py_DECREF(fast);
+    if (count >= 0)
+      PyErr_Format(PyExc_ValueError, "%s must have %d values, got %zd", name, count, n);
+    else
+      PyErr_Format(PyExc_ValueError, "%s: at most %d branches are supported, got %zd", name,
+                   RA_MAX_BRANCHES, n);
+    return -1;
+  }
+  for (Py_ssize_t i = 0; i < n; i++) {
+    long long v = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(fast, i));
+    if (v == -1 && PyErr_Occurred()) {
+      Py_DECREF(fast);
+      return -1;
+    }
+    dst[i] = v;
+  }
+  Py_DECREF(fast);
+  if (got) *got = (int)n;
+  return 0;
+}
+
+static PyObject *stats_tuple(const ra_stats *s, int n) {
+  PyObject *out = PyTuple_New(n);
+  if (!out) return NULL;
+  for (int i = 0; i < n; i++) {
+    PyObject *item = Py_BuildValue(
+        "{sLsLsLsLsLsL}", "peak_bytes", (long long)s[i].peak_bytes, "current_bytes",
+        (long long)s[i].current_bytes, "bytes_sent", (long long)s[i].bytes_sent, "bytes_received",
+        (long long)s[i].bytes_received, "steps", (long long)s[i].steps, "steps_skipped",
+        (long long)s[i].steps_skipped);
+    if (!item) {
+      Py_DECREF(out);
+      return NULL;
+    }
+    PyTuple_SET_ITEM(out, i, item);
+  }
+  return out;
+}
+
+/* ---------------------------------------------------------------- forward */
+
+static const char *const tensor_names[4] = {"q", "k", "v", "out"};
+
+static PyObject *py_forward(PyObject *self, PyObject *args, PyObject *kw) {
+  (void)self;
+  static char *names[] = {"q", "k", "v", "o", "lse", "shape", "strides", "dtype",
+                          "segment_lengths", "dilation_rates", "causal", "mode", "scale",
+                          "world_size", "stream", "device", "sync", NULL};
+  PyObject *ptr_obj[5], *shape_obj, *strides_obj, *segs, *rates, *stream_obj = Py_None;
+  int dtype, causal, mode, world, device = -1, sync = 1;
+  double scale;
+  if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOOiOOpidi|Oip", names, &ptr_obj[0], &ptr_obj[1],
+                                   &ptr_obj[2], &ptr_obj[3], &ptr_obj[4], &shape_obj, &strides_obj,
+                                   &dtype, &segs, &rates, &causal, &mode, &scale, &world,
+                                   &stream_obj, &device, &sync))
+    return NULL;
+
+  uintptr_t ptr[5];
+  for (int i = 0; i < 4; i++) {
+    if (as_address(ptr_obj[i], tensor_names[i], &ptr[i])) return NULL;
+    if (!ptr[i]) return PyErr_Format(PyExc_ValueError, "%s: null device pointer", tensor_names[i]);
+  }
+  if (ptr_obj[4] == Py_None) {
+    ptr[4] = 0;
+  } else if (as_address(ptr_obj[4], "lse", &ptr[4])) {
+    return NULL;
+  }
+  void *stream;
+  if (as_stream(stream_obj, &stream)) return NULL;
+  if (dtype != RA_FLOAT32 && dtype != RA_FLOAT16 && dtype != RA_BFLOAT16)
+    return PyErr_Format(PyExc_TypeError, "dtype code must be 0 (float32), 1 (float16) or 2 (bfloat16), got %d", dtype);
+
+  ra_config cfg;
+  ra_config_init(&cfg);
+  int64_t shape[4];
+  if (read_i64s(shape_obj, "shape", shape, 4, NULL)) return NULL;
+  for (int i = 0; i < 4; i++)
+    if (shape[i] < 1) return PyErr_Format(PyExc_ValueError, "shape must hold 4 positive sizes");
+  cfg.batch = shape[0];
+  cfg.seq_len = shape[1];
+  cfg.num_heads = shape[2];
+  cfg.head_dim = shape[3];
+  cfg.dtype = (ra_dtype)dtype;
+  cfg.causal = causal;
+  cfg.mode = (ra_mode)mode;
+  cfg.scale = scale;
+  cfg.world_size = world;
+  int ns = 0, nr = 0;
+  if (read_i64s(segs, "segment_lengths", cfg.segment_lengths, -1, &ns) ||
+      read_i64s(rates, "dilation_rates", cfg.dilation_rates, -1, &nr))
+    return NULL;
+  if (ns != nr)
+    return PyErr_Format(PyExc_ValueError, "dilation_rates: %d values for %d segment_lengths", nr, ns);
+  cfg.num_branches = ns;
+
+  /* strides: four (stride_b, stride_n, stride_h[, stride_d]) in elements. */
+  ra_tensor t[4];
+  PyObject *fast = PySequence_Fast(strides_obj, "strides must be a sequence of 4 stride tuples");
+  if (!fast) return NULL;
+  if (PySequence_Fast_GET_SIZE(fast) != 4) {
+    Py_DECREF(fast);
+    return PyErr_Format(PyExc_ValueError, "strides must hold one stride tuple for each of q, k, v, out");
+  }
+  for (int i = 0; i < 4; i++) {
+    PyObject *one = PySequence_Fast_GET_ITEM(fast, i);
+    int64_t st[4] = {0, 0, 0, 1};
+    int got = 0;
+    PyObject *f2 = PySequence_Fast(one, "strides entries must be sequences");
+    if (!f2) {
+      Py_DECREF(fast);
+      return NULL;
+    }
+    Py_ssize_t len = PySequence_Fast_GET_SIZE(f2);
+    Py_DECREF(f2);
+    if (len != 3 && len != 4) {
+      Py_DECREF(fast);
+      return PyErr_Format(PyExc_ValueError, "%s: strides must hold 3 or 4 values, got %zd", tensor_names[i], len);
+    }
+    if (read_i64s(one, tensor_names[i], st, (int)len, &got)) {
+      Py_DECREF(fast);
+      return NULL;
+    }
+    if ((st[3] != 1 && shape[3] > 1) || st[0] < 0 || st[1] < 0 || st[2] < 0) {
+      Py_DECREF(fast);
+      return PyErr_Format(PyExc_ValueError,
+                          "%s: the head dimension must be contiguous and the strides non-negative", tensor_names[i]);
+    }
+    t[i].data = (void *)ptr[i];
+    t[i].stride_b = st[0];
+    t[i].stride_n = st[1];
+    t[i].stride_h = st[2];
+  }
+  Py_DECREF(fast);
+
+  ra_plan *plan;
+  ra_status st = ra_plan_create(&cfg, &plan);
+  if (st != RA_OK) return raise_status(st);
+  ra_stats *stats = PyMem_Calloc((size_t)cfg.world_size, sizeof *stats);
+  if (!stats) {
+    ra_plan_destroy(plan);
+    return PyErr_NoMemory();
+  }
+#ifdef RA_WITH_CUDA
+  device_guard g;
+  cudaError_t cerr = cudaSuccess;
+#endif
+  Py_BEGIN_ALLOW_THREADS
+#ifdef RA_WITH_CUDA
+  cerr = guard_enter(&g, device);
+  if (cerr == cudaSuccess) {
+    st = ra_cuda_forward(plan, t[0], t[1], t[2], t[3], (float *)ptr[4], stream, stats);
+    if (st == RA_OK && sync) cerr = cudaStreamSynchronize((cudaStream_t)stream);
+  }
+  guard_exit(&g);
+#else
+  (void)device;
+  (void)sync;
+  st = ra_cuda_forward(plan, t[0], t[1], t[2], t[3], (float *)ptr[4], stream, stats);
+#endif
+  Py_END_ALLOW_THREADS
+  ra_plan_destroy(plan);
+  PyObject *out;
+#ifdef RA_WITH_CUDA
+  if (cerr != cudaSuccess)
+    out = raise_cuda(cerr, st == RA_OK ? "synchronizing the stream after ra_cuda_forward" : "selecting the device");
+  else
+#endif
+    out = st == RA_OK ? stats_tuple(stats, cfg.world_size) : raise_status(st);
+  PyMem_Free(stats);
+  return out;
+}
+
+/* ------------------------------------------------------- runtime helpers */
+
+static PyObject *py_device_count(PyObject *self, PyObject *unused) {
+  (void)self;
+  (void)unused;
+  return PyLong_FromLong(ra_cuda_device_count());
+}
+
+static PyObject *py_built_with_cuda(PyObject *self, PyObject *unused) {
+  (void)self;
+  (void)unused;
+#ifdef RA_WITH_CUDA
+  Py_RETURN_TRUE;
+#else
+  Py_RETURN_FALSE;
+#endif
+}
+
+static PyObject *py_current_device(PyObject *self, PyObject *unused) {
+  (void)self;
+  (void)unused;
+#ifdef RA_WITH_CUDA
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return raise_cuda(err, "cudaGetDevice");
+  return PyLong_FromLong(dev);
+#else
+  return no_cuda();
+#endif
+}
+
+static PyObject *py_alloc(PyObject *self, PyObject *args) {
+  (void)self;
+  Py_ssize_t nbytes;
+  int device = -1;
+  if (!PyArg_ParseTuple(args, "n|i", &nbytes, &device)) return NULL;
+  if (nbytes < 0) return PyErr_Format(PyExc_ValueError, "nbytes must be >= 0");
+#ifdef RA_WITH_CUDA
+  void *p = NULL;
+  device_guard g;
+  cudaError_t err;
+  Py_BEGIN_ALLOW_THREADS
+  err = guard_enter(&g, device);
+  if (err == cudaSuccess) err = cudaMalloc(&p, nbytes ? (size_t)nbytes : 1);
+  guard_exit(&g);
+  Py_END_ALLOW_THREADS
+  if (err != cudaSuccess) return raise_cuda(err, "cudaMalloc");
+  return PyLong_FromVoidPtr(p);
+#else
+  (void)device;
+  return no_cuda();
+#endif
+}
+
+static PyObject *py_free(PyObject *self, PyObject *args) {
+  (void)self;
+  PyObject *ptr_obj;
+  int device = -1;
+  if (!PyArg_ParseTuple(args, "O|i", &ptr_obj, &device)) return NULL;
+  uintptr_t p;
+  if (as_address(ptr_obj, "ptr", &p)) return NULL;
+#ifdef RA_WITH_CUDA
+  device_guard g;
+  cudaError_t err;
+  Py_BEGIN_ALLOW_THREADS
+  err = guard_enter(&g, device);
+  if (err == cudaSuccess) err = cudaFree((void *)p);
+  guard_exit(&g);
+  Py_END_ALLOW_THREADS
+  if (err != cudaSuccess) return raise_cuda(err, "cudaFree");
+  Py_RETURN_NONE;
+#else
+  (void)device;
+  return no_cuda();
+#endif
+}
+
+/* memcpy_htod(dst_ptr, src_buffer[, device]): copy a C-contiguous host buffer
+ * to device memory (synchronous). */
+static PyObject *py_memcpy_htod(PyObject *self, PyObject *args) {
+  (void)self;
+  PyObject *ptr_obj;
+  Py_buffer buf;
+  int device = -1;
+  if (!PyArg_ParseTuple(args, "Oy*|i", &ptr_obj, &buf, &device)) return NULL;
+  uintptr_t p;
+  if (as_address(ptr_obj, "dst", &p)) {
+    PyBuffer_Release(&buf);
+    return NULL;
+  }
+#ifdef RA_WITH_CUDA
+  device_guard g;
+  cudaError_t err;
+  Py_BEGIN_ALLOW_THREADS
+  err = guard_enter(&g, device);
+  if (err == cudaSuccess && buf.len) err = cudaMemcpy((void *)p, buf.buf, (size_t)buf.len, cudaMemcpyHostToDevice);
+  guard_exit(&g);
+  Py_END_ALLOW_THREADS
+  PyBuffer_Release(&buf);
+  if (err != cudaSuccess) return raise_cuda(err, "cudaMemcpy (host to device)");
+  Py_RETURN_NONE;
+#else
+  (void)device;
+  PyBuffer_Release(&buf);
+  return no_cuda();
+#endif
+}
+
+/* memcpy_dtoh(dst_buffer, src_ptr[, device]): fill a writable C-contiguous host
+ * buffer from device memory (synchronous). */
+static PyObject *py_memcpy_dtoh(PyObject *self, PyObject *args) {
+  (void)self;
+  PyObject *ptr_obj;
+  Py_buffer buf;
+  int device = -1;
+  if (!PyArg_ParseTuple(args, "w*O|i", &buf, &ptr_obj, &device)) return NULL;
+  uintptr_t p;
+  if (as_address(ptr_obj, "src", &p)) {
+    PyBuffer_Release(&buf);
+    return NULL;
+  }
+#ifdef RA_WITH_CUDA
+  device_guard g;
+  cudaError_t err;
+  Py_BEGIN_ALLOW_THREADS
+  err = guard_enter(&g, device);
+  if (err == cudaSuccess && buf.len) err = cudaMemcpy(buf.buf, (const void *)p, (size_t)buf.len, cudaMemcpyDeviceToHost);
+  guard_exit(&g);
+  Py_END_ALLOW_THREADS
+  PyBuffer_Release(&buf);
+  if (err != cudaSuccess) return raise_cuda(err, "cudaMemcpy (device to host)");
+  Py_RETURN_NONE;
+#else
+  (void)device;
+  PyBuffer_Release(&buf);
+  return no_cuda();
+#endif
+}
+
+/* synchronize(stream[, device]): wait on the host until `stream` is idle. */
+static PyObject *py_synchronize(PyObject *self, PyObject *args) {
+  (void)self;
+  PyObject *stream_obj = Py_None;
+  int device = -1;
+  if (!PyArg_ParseTuple(args, "|Oi", &stream_obj, &device)) return NULL;
+  void *stream;
+  if (as_stream(stream_obj, &stream)) return NULL;
+#ifdef RA_WITH_CUDA
+  device_guard g;
+  cudaError_t err;
+  Py_BEGIN_ALLOW_THREADS
+  err = guard_enter(&g, device);
+  if (err == cudaSuccess) err = cudaStreamSynchronize((cudaStream_t)stream);
+  guard_exit(&g);
+  Py_END_ALLOW_THREADS
+  if (err != cudaSuccess) return raise_cuda(err, "cudaStreamSynchronize");
+  Py_RETURN_NONE;
+#else
+  (void)device;
+  return no_cuda();
+#endif
+}
+
+/* pointer_device(ptr) -> (kind, device): kind is "device", "managed", "host"
+ * (page-locked host memory) or "unregistered" (ordinary host memory or an
+ * address CUDA does not know); device is the ordinal or -1. */
+static PyObject *py_pointer_device(PyObject *self, PyObject *arg) {
+  (void)self;
+  uintptr_t p;
+  if (as_address(arg, "ptr", &p)) return NULL;
+#ifdef RA_WITH_CUDA
+  struct cudaPointerAttributes attr;
+  memset(&attr, 0, sizeof attr);
+  cudaError_t err = cudaPointerGetAttributes(&attr, (const void *)p);
+  if (err == cudaErrorInvalidValue) {
+    cudaGetLastError();
+    return Py_BuildValue("(si)", "unregistered", -1);
+  }
+  if (err != cudaSuccess) return raise_cuda(err, "cudaPointerGetAttributes");
+  switch (attr.type) {
+    case cudaMemoryTypeDevice: return Py_BuildValue("(si)", "device", attr.device);
+    case cudaMemoryTypeManaged: return Py_BuildValue("(si)", "managed", attr.device);
+    case cudaMemoryTypeHost: return Py_BuildValue("(si)", "host", -1);
+    default: return Py_BuildValue("(si)", "unregistered", -1);
+  }
+#else
+  return no_cuda();
+#endif
+}
+
+/* ------------------------------------------------------- DLPack export */
+
+static const char DLTENSOR[] = "dltensor";
+static const char USED_DLTENSOR[] = "used_dltensor";
+static const char DLTENSOR_V[] = "dltensor_versioned";
+static const char USED_DLTENSOR_V[] = "used_dltensor_versioned";
+
+/* Both managed-tensor kinds sit at the start of one PyMem_RawMalloc block
+ * followed by shape[ndim] and strides[ndim]; manager_ctx holds a strong
+ * reference to the owner of the memory. */
+static void release_owner(void *owner) {
+  if (!owner || !Py_IsInitialized()) return; /* at exit: leak rather than crash */
+  PyGILState_STATE gs = PyGILState_Ensure();
+  Py_DECREF((PyObject *)owner);
+  PyGILState_Release(gs);
+}
+
+static void legacy_deleter(DLManagedTensor *self) {
+  if (!self) return;
+  release_owner(self->manager_ctx);
+  PyMem_RawFree(self);
+}
+
+static void versioned_deleter(DLManagedTensorVersioned *self) {
+  if (!self) return;
+  release_owner(self->manager_ctx);
+  PyMem_RawFree(self);
+}
+
+/* A capsule nobody consumed still owns its tensor: delete it. */
+static void legacy_capsule_destructor(PyObject *cap) {
+  if (PyCapsule_IsValid(cap, USED_DLTENSOR)) return;
+  PyObject *type, *value, *tb;
+  PyErr_Fetch(&type, &value, &tb);
+  DLManagedTensor *m = PyCapsule_GetPointer(cap, DLTENSOR);
+  if (m && m->deleter) m->deleter(m);
+  else PyErr_Clear();
+  PyErr_Restore(type, value, tb);
+}
+
+static void versioned_capsule_destructor(PyObject *cap) {
+  if (PyCapsule_IsValid(cap, USED_DLTENSOR_V)) return;
+  PyObject *type, *value, *tb;
+  PyErr_Fetch(&type, &value, &tb);
+  DLManagedTensorVersioned *m = PyCapsule_GetPointer(cap, DLTENSOR_V);
+  if (m && m->deleter) m->deleter(m);
+  else PyErr_Clear();
+  PyErr_Restore(type, value, tb);
+}
+
+/* to_dlpack(owner, ptr, device_type, device_id, shape, strides, code, bits,
+ *           versioned=False, readonly=False) -> capsule
+ * strides (elements) may be None for C-contiguous. */
+static PyObject *py_to_dlpack(PyObject *self, PyObject *args, PyObject *kw) {
+  (void)self;
+  static char *names[] = {"owner", "ptr", "device_type", "device_id", "shape", "strides", "code",
+                          "bits", "versioned", "readonly", NULL};
+  PyObject *owner, *ptr_obj, *shape_obj, *strides_obj;
+  int device_type, device_id, code, bits, versioned = 0, readonly = 0;
+  if (!PyArg_ParseTupleAndKeywords(args, kw, "OOiiOOii|pp", names, &owner, &ptr_obj, &device_type,
+                                   &device_id, &shape_obj, &strides_obj, &code, &bits, &versioned,
+                                   &readonly))
+    return NULL;
+  uintptr_t p;
+  if (as_address(ptr_obj, "ptr", &p)) return NULL;
+  if (code < 0 || code > 255 || bits < 1 || bits > 255)
+    return PyErr_Format(PyExc_ValueError, "dtype code/bits out of range");
+  PyObject *shape_fast = PySequence_Fast(shape_obj, "shape must be a sequence");
+  if (!shape_fast) return NULL;
+  Py_ssize_t ndim = PySequence_Fast_GET_SIZE(shape_fast);
+  Py_DECREF(shape_fast);
+  if (ndim > 32) return PyErr_Format(PyExc_ValueError, "at most 32 dimensions");
+  int64_t shape[32], strides[32];
+  if (read_i64s(shape_obj, "shape", shape, (int)ndim, NULL)) return NULL;
+  int have_strides = strides_obj != Py_None;
+  if (have_strides && read_i64s(strides_obj, "strides", strides, (int)ndim, NULL)) return NULL;
+  if (!have_strides) { /* always export explicit strides: some consumers want them */
+    int64_t s = 1;
+    for (Py_ssize_t i = ndim - 1; i >= 0; i--) {
+      strides[i] = s;
+      s *= shape[i];
+    }
+  }
+  size_t head = versioned ? sizeof(DLManagedTensorVersioned) : sizeof(DLManagedTensor);
+  head = (head + 7) & ~(size_t)7;
+  char *block = PyMem_RawMalloc(head + 2 * (size_t)(ndim ? ndim : 1) * sizeof(int64_t));
+  if (!block) return PyErr_NoMemory();
+  int64_t *dshape = (int64_t *)(block + head), *dstrides = dshape + ndim;
+  memcpy(dshape, shape, (size_t)ndim * sizeof(int64_t));
+  memcpy(dstrides, strides, (size_t)ndim * sizeof(int64_t));
+  DLTensor *t;
+  if (versioned) {
+    DLManagedTensorVersioned *m = (DLManagedTensorVersioned *)block;
+    memset(m, 0, sizeof *m);
+    m->version.major = 1;
+    m->version.minor = 0;
+    m->manager_ctx = owner;
+    m->deleter = versioned_deleter;
+    m->flags = readonly ? RA_DLPACK_FLAG_READ_ONLY : 0;
+    t = &m->dl_tensor;
+  } else {
+    DLManagedTensor *m = (DLManagedTensor *)block;
+    memset(m, 0, sizeof *m);
+    m->manager_ctx = owner;
+    m->deleter = legacy_deleter;
+    t = &m->dl_tensor;
+  }
+  t->data = (void *)p;
+  t->device.device_type = device_type;
+  t->device.device_id = device_id;
+  t->ndim = (int32_t)ndim;
+  t->dtype.code = (uint8_t)code;
+  t->dtype.bits = (uint8_t)bits;
+  t->dtype.lanes = 1;
+  t->shape = dshape;
+  t->strides = dstrides;
+  t->byte_offset = 0;
+  PyObject *cap = PyCapsule_New(block, versioned ? DLTENSOR_V : DLTENSOR,
+                                versioned ? versioned_capsule_destructor : legacy_capsule_destructor);
+  if (!cap) {
+    PyMem_RawFree(block);
+    return NULL;
+  }
+  Py_INCREF(owner); /* released by the deleter */
+  return cap;
+}
+
+/* ------------------------------------------------------------------ module */
+
+static PyMethodDef methods[] = {
+    {"forward", (PyCFunction)(void (*)(void))py_forward, METH_VARARGS | METH_KEYWORDS,
+     "forward(q, k, v, o, lse, shape, strides, dtype, segment_lengths, dilation_rates, causal,\n"
+     "        mode, scale, world_size, stream=None, device=-1, sync=True) -> per-rank stats\n\n"
+     "Run ra_cuda_forward on device pointers (ints); lse is an address or None.\n"
+     "strides: one (stride_b, stride_n, stride_h[, 1]) tuple in elements for each of q, k, v, o.\n"
+     "dtype: 0 float32, 1 float16, 2 bfloat16.  stream: a cudaStream_t as int (None/0: default).\n"
+     "device >= 0 is made current for the call.  With sync the stream is synchronized before\n"
+     "returning.  The GIL is released while the kernels run."},
+    {"device_count", py_device_count, METH_NOARGS, "CUDA devices this build can use."},
+    {"built_with_cuda", py_built_with_cuda, METH_NOARGS, "Whether this build has the CUDA backend."},
+    {"current_device", py_current_device, METH_NOARGS, "The current CUDA device ordinal."},
+    {"alloc", py_alloc, METH_VARARGS, "alloc(nbytes[, device]) -> address (cudaMalloc)."},
+    {"free", py_free, METH_VARARGS, "free(ptr[, device]) (cudaFree)."},
+    {"memcpy_htod", py_memcpy_htod, METH_VARARGS,
+     "memcpy_htod(dst_ptr, src_buffer[, device]): host buffer -> device (synchronous)."},
+    {"memcpy_dtoh", py_memcpy_dtoh, METH_VARARGS,
+     "memcpy_dtoh(dst_buffer, src_ptr[, device]): device -> writable host buffer (synchronous)."},
+    {"synchronize", py_synchronize, METH_VARARGS, "synchronize(stream=None[, device]): cudaStreamSynchronize."},
+    {"pointer_device", py_pointer_device, METH_O,
+     "pointer_device(ptr) -> (kind, device) from cudaPointerGetAttributes."},
+    {"to_dlpack", (PyCFunction)(void (*)(void))py_to_dlpack, METH_VARARGS | METH_KEYWORDS,
+     "to_dlpack(owner, ptr, device_type, device_id, shape, strides, code, bits, versioned=False,\n"
+     "          readonly=False) -> a 'dltensor' (or 'dltensor_versioned') capsule keeping owner alive."},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "ringattn._cuda",
+                                    "CUDA entry points of ringattn (private; use the ringattn package).",
+                                    -1, methods, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__cuda(void) {
+  PyObject *m = PyModule_Create(&module);
+  if (!m) return NULL;
+  /* Share the package's exception class when _core is there. */
+  PyObject *core = PyImport_ImportModule("ringattn._core");
+  if (core) {
+    RingAttnError = PyObject_GetAttrString(core, "RingAttnError");
+    Py_DECREF(core);
+  }
+  if (!RingAttnError) {
+    PyErr_Clear();
+    RingAttnError = PyExc_RuntimeError;
+    Py_INCREF(RingAttnError);
+  }
+  Py_INCREF(RingAttnError);
+  if (PyModule_AddObject(m, "RingAttnError", RingAttnError) < 0) {
+    Py_DECREF(RingAttnError);
+    Py_DECREF(m);
+    return NULL;
+  }
+  if (PyModule_AddIntConstant(m, "FLOAT32", RA_FLOAT32) || PyModule_AddIntConstant(m, "FLOAT16", RA_FLOAT16) ||
+      PyModule_AddIntConstant(m, "BFLOAT16", RA_BFLOAT16)) {
+    Py_DECREF(m);
+    return NULL;
+  }
+  return m;
+}

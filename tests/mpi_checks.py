@@ -1,0 +1,104 @@
+"""Checks run by tests/test_mpi.py under `mpirun -n K python tests/mpi_checks.py`.
+
+Every rank computes its shard of the ring over a real MPI communicator and
+compares it with its slice of the float64 reference (and of the
+single-process ringattn result); error cases must raise on *every* rank
+instead of hanging.  Rank 0 prints "MPI CHECKS PASSED" when all ranks pass.
+"""
+
+import os
+import sys
+import traceback
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ringattn  # noqa: E402
+from reference import reference_attention  # noqa: E402
+
+comm = ringattn.Communicator.mpi()
+K, RANK = comm.world_size, comm.rank
+
+
+def check_case(name, b, n, h, d, segs, rates, causal=False, mode="groups", dtype=np.float32, seed=0):
+    rng = np.random.default_rng(seed)  # the same full inputs on every rank
+    q, k, v = (rng.standard_normal((b, n, h, d)).astype(dtype) for _ in range(3))
+    ref, _ = reference_attention(q, k, v, segs, rates, causal=causal, mode=mode)
+    single = ringattn.dilated_attention(q, k, v, segs, rates, causal=causal, mode=mode)
+    attn = ringattn.RingDilatedAttention(segs, rates, causal=causal, mode=mode, comm=comm)
+    local = [ringattn.split_sequence(x, comm=comm) for x in (q, k, v)]
+    out = np.full_like(local[0], np.nan)  # poison: unwritten rows fail
+    o, lse = attn(*local, out=out, return_lse=True)
+    mine = ringattn.split_sequence(ref, comm=comm)
+    tol = 1e-2 if dtype == np.float16 else 2e-5
+    err = float(np.abs(o.astype(np.float64) - mine).max()) / max(float(np.abs(mine).max()), 1e-3)
+    assert np.all(np.isfinite(o)), f"{name}: non-finite output on rank {RANK}"
+    assert err <= tol, f"{name}: rank {RANK} relative error {err:.2e} > {tol}"
+    same = float(np.abs(o.astype(np.float32) - ringattn.split_sequence(single, comm=comm).astype(np.float32)).max())
+    assert same <= (1e-2 if dtype == np.float16 else 1e-5), f"{name}: differs from single process by {same}"
+    full = ringattn.gather_sequence(o, comm=comm)
+    assert full.shape == q.shape and np.array_equal(ringattn.split_sequence(full, comm=comm), o)
+    return attn.last_stats
+
+
+def expect_error_everywhere(name, exc_type, fn, match):
+    try:
+        fn()
+    except exc_type as e:
+        assert match in str(e), f"{name}: rank {RANK} message {e!r} lacks {match!r}"
+        return
+    raise AssertionError(f"{name}: rank {RANK} raised nothing")
+
+
+def main():
+    L = 64 * K
+    # dense ring: one segment spanning all ranks
+    st = check_case("dense", 1, L * 2, 2, 32, [L * 2], [1])
+    if K > 1:
+        assert st["bytes_sent"][0] > 0
+    check_case("dense causal", 1, L * 2, 3, 16, [L * 2], [1], causal=True)
+    # dilated, groups: a local branch and a branch spanning all ranks (sub-ring = ring)
+    n = 128 * K
+    check_case("dilated", 2, n, 4, 16, [32, n], [1, 2], causal=False)
+    check_case("dilated causal longnet", 1, n, 5, 16, [32, n], [2, 4], causal=True, mode="longnet")
+    # sub-rings: segments spanning 2 ranks each (K >= 4 gives two sub-rings)
+    if K >= 2:
+        check_case("sub-ring", 1, 64 * K, 2, 16, [128], [2], causal=True)
+    # all branches local: no traffic
+    st = check_case("local", 1, 64 * K, 2, 16, [32, 64], [1, 2])
+    assert st["bytes_sent"] == [0], st
+    check_case("fp16", 1, 64 * K, 2, 64, [64 * K], [1], causal=True, dtype=np.float16)
+
+    # mismatched configuration: rank 1 asks for other segments
+    if K > 1:
+        shard = np.ones((1, 64, 2, 16), np.float32)
+        segs = [64] if RANK != 1 else [32]
+        attn = ringattn.RingDilatedAttention(segs, [1], comm=comm)
+        expect_error_everywhere("mismatch", ValueError, lambda: attn(shard, shard, shard),
+                                "configuration differs between ranks")
+        # one rank holds a NaN (nan_policy="raise"): everybody raises
+        bad = shard.copy()
+        if RANK == K - 1:
+            bad[0, 3, 1, 2] = np.nan
+        attn = ringattn.RingDilatedAttention([64 * K], [1], comm=comm)
+        expect_error_everywhere("nan", ValueError, lambda: attn(shard, bad, shard), "NaN")
+        # one rank's input fails Python-side validation (float64)
+        q = shard.astype(np.float64) if RANK == 0 else shard
+        expect_error_everywhere("dtype", (TypeError, ValueError), lambda: attn(q, shard, shard), "float")
+        # the communicator still works afterwards
+        check_case("after errors", 1, 64 * K, 2, 16, [64 * K], [1])
+
+
+try:
+    main()
+    ok = 1
+except Exception:
+    traceback.print_exc()
+    ok = 0
+flags = np.zeros(K, np.uint8)
+flags_local = np.array([ok], np.uint8)
+ringattn._core.comm_allgather(comm.handle(), flags_local, flags)
+comm.close()
+if RANK == 0:
+    print("MPI CHECKS PASSED" if flags.all() else f"MPI CHECKS FAILED on ranks {np.nonzero(flags == 0)[0].tolist()}")
+sys.exit(0 if flags.all() else 1)
