@@ -8,28 +8,33 @@
 See docs/ for the semantics, the ring schedule and the measurements.
 """
 
-from ._core import RingAttnError, cuda_device_count
-from ._comm import Communicator, nccl_unique_id
-from ._api import (
-    RingDilatedAttention,
-    dilated_attention,
-    gather_sequence,
-    get_num_threads,
-    set_num_threads,
-    split_sequence,
-)
+import importlib.util as _util
 
-__version__ = "0.1.0"
+if _util.find_spec(__name__ + "._core") is None:  # a source checkout, see _checkout.py
+    from ._checkout import load_installed as _load_installed
 
-__all__ = [
-    "Communicator",
-    "RingAttnError",
-    "RingDilatedAttention",
-    "cuda_device_count",
-    "dilated_attention",
-    "gather_sequence",
-    "nccl_unique_id",
-    "get_num_threads",
-    "set_num_threads",
-    "split_sequence",
-]
+    _load_installed(__name__, __file__)
+else:
+    from ._comm import Communicator, nccl_unique_id
+    from ._api import (
+        RingDilatedAttention,
+        dilated_attention,
+        gather_sequence,
+        get_num_threads,
+        set_num_threads,
+        split_sequence,
+    )
+
+    __version__ = "0.1.0"
+
+    __all__ = [
+        "Communicator",
+        "RingAttnError",
+        "RingDilatedAttention",
+        "dilated_attention",
+        "gather_sequence",
+        "nccl_unique_id",
+        "get_num_threads",
+        "set_num_threads",
+        "split_sequence",
+    ]
