@@ -28,7 +28,7 @@ def parse_args():
                     help="threads for ringattn and for NumPy's BLAS (default: all cores)")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats (median reported)")
     ap.add_argument("--json", metavar="PATH", default=None, help="also write results as JSON")
-    ap.add_argument("--only", choices=["dense", "seed"], default=None, help="run one part only")
+    ap.add_argument("--only", choices=["dense", "seed", "backward"], default=None, help="run one part only")
     return ap.parse_args()
 
 
@@ -183,6 +183,58 @@ def run_seed(quick, repeats, threads):
     return rows
 
 
+def numpy_dense_backward(q, k, v, g, scale):
+    """Dense attention's gradients with NumPy (fp32): recompute P, then
+    dV = P^T dO, dP = dO V^T, dS = P (dP - rowsum(dO o)), dQ = s dS K, dK = s dS^T Q."""
+    qt, kt, vt, gt = (np.ascontiguousarray(x.transpose(0, 2, 1, 3)) for x in (q, k, v, g))
+    s = np.matmul(qt, kt.transpose(0, 1, 3, 2)) * np.float32(scale)
+    s -= s.max(axis=-1, keepdims=True)
+    np.exp(s, out=s)
+    s /= s.sum(axis=-1, keepdims=True)
+    o = np.matmul(s, vt)
+    dv = np.matmul(s.transpose(0, 1, 3, 2), gt)
+    dp = np.matmul(gt, vt.transpose(0, 1, 3, 2))
+    dp -= (gt * o).sum(axis=-1, keepdims=True)
+    dp *= s
+    dq = np.matmul(dp, kt) * np.float32(scale)
+    dk = np.matmul(dp.transpose(0, 1, 3, 2), qt) * np.float32(scale)
+    return dq, dk, dv
+
+
+def run_backward(quick, repeats, threads):
+    """Forward and backward of ringattn in the same run, dense non-causal
+    and the seed configuration; backward FLOPs counted as 2.5x the forward's.
+    NumPy's dense backward is the peer for the dense rows."""
+    rows = []
+    rng = np.random.default_rng(2)
+    cases = [(1024, 64, [None], [1], False), (2048, 64, [None], [1], False), (2048, 128, [None], [1], False)]
+    if not quick:
+        cases += [(4096, 64, [None], [1], False), (8192, 64, [2048, 4096], [1, 2], True)]
+    print("\n| part | n | h | d | fwd ms | fwd GFLOP/s | bwd ms | bwd GFLOP/s (2.5x fwd FLOPs) | "
+          "NumPy bwd ms | bwd speedup vs NumPy |")
+    print("|" + "---|" * 10)
+    for n, d, segs, rates, causal in cases:
+        b, h = 1, (12 if segs[0] else 4)
+        segs = [n] if segs[0] is None else segs
+        q, k, v, g = (rand(rng, (b, n, h, d)) for _ in range(4))
+        kw = dict(causal=causal, num_threads=threads)
+        pairs = attended_pairs_groups(n, h, segs, rates, causal) if len(segs) > 1 else h * n * n
+        flops = 4.0 * d * b * pairs
+        t_f = bench(lambda: ringattn.dilated_attention(q, k, v, segs, rates, return_lse=True, **kw), repeats)
+        o, lse = ringattn.dilated_attention(q, k, v, segs, rates, return_lse=True, **kw)
+        t_b = bench(lambda: ringattn.dilated_attention_backward(q, k, v, o, lse, g, segs, rates, **kw), repeats)
+        t_np = float("nan")
+        if len(segs) == 1 and not causal:
+            t_np = bench(lambda: numpy_dense_backward(q, k, v, g, 1.0 / math.sqrt(d)), repeats)
+        part = "dense" if len(segs) == 1 else "seed"
+        rows.append(dict(part=f"backward-{part}", b=b, n=n, h=h, d=d, causal=causal, flops=flops,
+                         t_forward=t_f, t_backward=t_b, t_numpy_backward=t_np,
+                         gflops_forward=flops / t_f / 1e9, gflops_backward=2.5 * flops / t_b / 1e9))
+        print(f"| {part} | {n} | {h} | {d} | {t_f * 1e3:.1f} | {flops / t_f / 1e9:.1f} | {t_b * 1e3:.1f} | "
+              f"{2.5 * flops / t_b / 1e9:.1f} | {t_np * 1e3:.1f} | {t_np / t_b:.2f}x |", flush=True)
+    return rows
+
+
 HEADER = ("| part | b | n | h | d | causal | GFLOP | ringattn ms | NumPy ms | "
           "ringattn GFLOP/s | NumPy GFLOP/s | speedup (NumPy time / ringattn time) | max abs diff |")
 
@@ -213,6 +265,8 @@ def main():
         rows += run_dense(ARGS.quick, repeats, threads)
     if ARGS.only in (None, "seed"):
         rows += run_seed(ARGS.quick, repeats, threads)
+    if ARGS.only in (None, "backward"):
+        rows += run_backward(ARGS.quick, repeats, threads)
     if ARGS.json:
         meta = dict(python=platform.python_version(), numpy=np.__version__,
                     machine=platform.machine(), cpus=os.cpu_count(), threads=threads,

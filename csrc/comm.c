@@ -94,9 +94,10 @@ ra_status ra_comm_allgather(ra_comm *comm, const void *send, size_t bytes, void 
   return comm->allgather(comm, send, bytes, recv);
 }
 
-ra_status ra_comm_forward(const ra_config *cfg, ra_comm *comm, ra_tensor q, ra_tensor k,
-                          ra_tensor v, ra_tensor o, float *lse, int64_t lse_ld,
-                          const ra_exec *exec, ra_stats *stats) {
+/* Plan, scan this rank's inputs, agree, then run the ring (t: q, k, v, o
+ * and for the backward dout, dq, dk, dv). */
+static ra_status comm_run(const ra_config *cfg, ra_comm *comm, int backward, const ra_tensor *t,
+                          float *lse, int64_t lse_ld, const ra_exec *exec, ra_stats *stats) {
   if (!comm) return ra_fail(RA_ERR_INVALID_ARGUMENT, "comm is NULL");
   ra_plan *plan = NULL;
   ra_status local = RA_OK;
@@ -108,23 +109,40 @@ ra_status ra_comm_forward(const ra_config *cfg, ra_comm *comm, ra_tensor q, ra_t
   else
     local = ra_plan_create(cfg, &plan);
   if (local == RA_OK && exec && exec->check_finite && comm->kind == RA_COMM_MPI) {
-    const ra_tensor *t[3] = {&q, &k, &v};
-    const char *name[3] = {"q", "k", "v"};
-    for (int i = 0; i < 3 && local == RA_OK; i++)
-      if (!t[i]->data || !ra_tensor_finite(*t[i], cfg->dtype, cfg->batch, plan->local_len, cfg->num_heads,
-                                           cfg->head_dim, exec->num_threads > 0 ? exec->num_threads : 1))
-        local = t[i]->data ? ra_fail(RA_ERR_NONFINITE, "%s contains NaN or Inf (nan_policy=\"raise\")", name[i])
-                           : ra_fail(RA_ERR_INVALID_ARGUMENT, "%s: data is NULL", name[i]);
+    static const char *const name[5] = {"q", "k", "v", "o", "dout"};
+    for (int i = 0; i < 5 && local == RA_OK; i++) {
+      if (i == 3 || (i == 4 && !backward)) continue;
+      if (!t[i].data)
+        local = ra_fail(RA_ERR_INVALID_ARGUMENT, "%s: data is NULL", name[i]);
+      else if (!ra_tensor_finite(t[i], cfg->dtype, cfg->batch, plan->local_len, cfg->num_heads, cfg->head_dim,
+                                 exec->num_threads > 0 ? exec->num_threads : 1))
+        local = ra_fail(RA_ERR_NONFINITE, "%s contains NaN or Inf (nan_policy=\"raise\")", name[i]);
+    }
   }
   char message[256];
   snprintf(message, sizeof message, "%s", local == RA_OK ? "" : ra_last_error());
   ra_status st = ra_comm_agree(comm, local, message, local == RA_OK ? cfg : NULL);
   if (st == RA_OK) {
     ra_exec run = {exec ? exec->num_threads : 0, 0}; /* inputs were scanned above */
-    st = comm->ring(comm, plan, q, k, v, o, lse, lse_ld, &run, stats);
+    st = backward ? comm->ring_backward(comm, plan, t, lse, lse_ld, &run, stats)
+                  : comm->ring(comm, plan, t[0], t[1], t[2], t[3], lse, lse_ld, &run, stats);
   }
   ra_plan_destroy(plan);
   return st;
+}
+
+ra_status ra_comm_forward(const ra_config *cfg, ra_comm *comm, ra_tensor q, ra_tensor k,
+                          ra_tensor v, ra_tensor o, float *lse, int64_t lse_ld,
+                          const ra_exec *exec, ra_stats *stats) {
+  const ra_tensor t[4] = {q, k, v, o};
+  return comm_run(cfg, comm, 0, t, lse, lse_ld, exec, stats);
+}
+
+ra_status ra_comm_backward(const ra_config *cfg, ra_comm *comm, ra_tensor q, ra_tensor k, ra_tensor v,
+                           ra_tensor o, ra_tensor dout, const float *lse, int64_t lse_ld, ra_tensor dq,
+                           ra_tensor dk, ra_tensor dv, const ra_exec *exec, ra_stats *stats) {
+  const ra_tensor t[8] = {q, k, v, o, dout, dq, dk, dv};
+  return comm_run(cfg, comm, 1, t, (float *)lse, lse_ld, exec, stats);
 }
 
 void ra_comm_destroy(ra_comm *comm) {

@@ -104,6 +104,12 @@ static ra_status mpi_ring(ra_comm *c, const ra_plan *plan, ra_tensor q, ra_tenso
   return ra_ring_forward(plan, &c->transport, q, k, v, o, lse, lse_ld, exec, stats);
 }
 
+static ra_status mpi_ring_backward(ra_comm *c, const ra_plan *plan, const ra_tensor *t, const float *lse,
+                                   int64_t lse_ld, const ra_exec *exec, ra_stats *stats) {
+  return ra_ring_backward(plan, &c->transport, t[0], t[1], t[2], t[3], t[4], lse, lse_ld, t[5], t[6], t[7],
+                          exec, stats);
+}
+
 static void mpi_destroy(ra_comm *c) {
   mpi_impl *m = c->impl;
   int finalized = 0;
@@ -161,6 +167,7 @@ ra_status ra_comm_create_mpi(const void *mpi_comm, ra_comm **out) {
   c->allgather_host = mpi_allgather;
   c->allgather = mpi_allgather;
   c->ring = mpi_ring;
+  c->ring_backward = mpi_ring_backward;
   c->destroy = mpi_destroy;
   *out = c;
   return RA_OK;

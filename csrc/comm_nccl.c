@@ -155,20 +155,18 @@ static ra_status nccl_allgather_host(ra_comm *c, const void *send, size_t bytes,
   return st;
 }
 
-/* Until the CUDA backend lands this rank cannot compute on a GPU. */
-ra_status ra_cuda_ring_rank(const ra_plan *plan, const ra_transport *transport, int device,
-                            ra_tensor q, ra_tensor k, ra_tensor v, ra_tensor o, float *lse,
-                            int64_t lse_ld, ra_stats *stats) {
-  (void)plan; (void)transport; (void)device; (void)q; (void)k; (void)v; (void)o; (void)lse;
-  (void)lse_ld; (void)stats;
-  return ra_fail(RA_ERR_UNSUPPORTED, "the CUDA attention backend is not built in this version");
-}
-
 static ra_status nccl_ring(ra_comm *c, const ra_plan *plan, ra_tensor q, ra_tensor k, ra_tensor v,
                            ra_tensor o, float *lse, int64_t lse_ld, const ra_exec *exec, ra_stats *stats) {
   (void)exec;
   nccl_impl *n = c->impl;
   return ra_cuda_ring_rank(plan, &c->transport, n->device, q, k, v, o, lse, lse_ld, stats);
+}
+
+static ra_status nccl_ring_backward(ra_comm *c, const ra_plan *plan, const ra_tensor *t, const float *lse,
+                                    int64_t lse_ld, const ra_exec *exec, ra_stats *stats) {
+  (void)c; (void)plan; (void)t; (void)lse; (void)lse_ld; (void)exec; (void)stats;
+  return ra_fail(RA_ERR_UNSUPPORTED, "the backward over NCCL needs the CUDA backward kernels, "
+                                     "which this version does not have");
 }
 
 static void nccl_destroy(ra_comm *c) {
@@ -237,6 +235,7 @@ ra_status ra_comm_create_nccl(const unsigned char id[RA_NCCL_UNIQUE_ID_BYTES], i
   c->allgather_host = nccl_allgather_host;
   c->allgather = nccl_allgather;
   c->ring = nccl_ring;
+  c->ring_backward = nccl_ring_backward;
   c->destroy = nccl_destroy;
   *out = c;
   return RA_OK;

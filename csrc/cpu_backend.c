@@ -11,6 +11,8 @@
 #include <omp.h>
 #endif
 
+#include "cpu_backward.h"
+#include "half.h"
 #include "internal.h"
 
 static void *cpu_alloc(void *ctx, size_t bytes) {
@@ -94,23 +96,121 @@ static ra_status cpu_sync(void *ctx) {
   return RA_OK;
 }
 
-static const ra_backend_ops cpu_ops = {"cpu", cpu_alloc, cpu_free, cpu_init_state, cpu_gather,
-                                       cpu_attend, cpu_store, cpu_sync};
+/* ------------------------------------------------------------- backward */
 
-ra_status ra_cpu_backend_open(ra_cpu_backend *cpu, int threads, int64_t head_dim,
+static ra_status cpu_row_dot(void *ctx, const ra_config *c, int64_t L, ra_tensor dout, ra_tensor o,
+                             float *delta, int64_t ld) {
+  const ra_cpu_backend *cpu = ctx;
+  const int64_t H = c->num_heads, d = c->head_dim, rows = c->batch * H * L;
+  const size_t es = ra_dtype_size(c->dtype);
+  const int is_half = c->dtype == RA_FLOAT16;
+#pragma omp parallel for num_threads(cpu->threads) schedule(static)
+  for (int64_t i = 0; i < rows; i++) {
+    const int64_t p = i % L, h = (i / L) % H, bb = i / L / H;
+    float a[512], b[512];
+    double sum = 0.0;
+    for (int64_t c0 = 0; c0 < d; c0 += 512) {
+      const int64_t w = d - c0 < 512 ? d - c0 : 512;
+      ra_load_row(a, (const char *)dout.data + (size_t)(bb * dout.stride_b + p * dout.stride_n + h * dout.stride_h + c0) * es, is_half, w, 1.0f);
+      ra_load_row(b, (const char *)o.data + (size_t)(bb * o.stride_b + p * o.stride_n + h * o.stride_h + c0) * es, is_half, w, 1.0f);
+      for (int64_t x = 0; x < w; x++) sum += (double)a[x] * b[x];
+    }
+    delta[(bb * H + h) * ld + p] = (float)sum;
+  }
+  return RA_OK;
+}
+
+/* Two passes without atomics: dK/dV over (task, key block), then dQ over
+ * (task, query block); each recomputes its probabilities from lse. */
+static ra_status cpu_attend_backward(void *ctx, const ra_backward_batch *bw) {
+  const ra_cpu_backend *cpu = ctx;
+  const ra_attend_batch *a = &bw->a;
+  const size_t es = ra_dtype_size(a->dtype);
+  int64_t max_nq = 0, max_nk = 0;
+  for (int64_t i = 0; i < a->ntasks; i++) {
+    if (a->tasks[i].nq > max_nq) max_nq = a->tasks[i].nq;
+    if (a->tasks[i].nk > max_nk) max_nk = a->tasks[i].nk;
+  }
+  for (int pass = 0; pass < 2; pass++) {
+    const int64_t block = pass == 0 ? RA_BWD_BLOCK_K : RA_BWD_BLOCK_Q;
+    const int64_t blocks = ((pass == 0 ? max_nk : max_nq) + block - 1) / block;
+    const int64_t items = a->ntasks * blocks;
+#pragma omp parallel for num_threads(cpu->threads) schedule(dynamic, 1)
+    for (int64_t it = 0; it < items; it++) {
+      const ra_attend_task *t = &a->tasks[it / blocks];
+      const int64_t b0 = (it % blocks) * block;
+      int tid = 0;
+#ifdef _OPENMP
+      tid = omp_get_thread_num();
+#endif
+      ra_bwd_workspace *ws = (ra_bwd_workspace *)cpu->bwd_ws[tid];
+      ra_tokens q = {(const char *)a->q + (size_t)t->q * es, a->q_stride, t->nq, t->qpos0};
+      ra_tokens k = {(const char *)a->k + (size_t)t->k * es, a->k_stride, t->nk, t->kpos0};
+      const char *dout = (const char *)bw->dout + (size_t)t->dout * es;
+      const char *v = (const char *)a->v + (size_t)t->v * es;
+      const float *lse = a->lse + t->lse, *delta = bw->delta + t->delta;
+      if (pass == 0) {
+        if (b0 >= t->nk) continue;
+        k.ptr = (const char *)k.ptr + (size_t)(b0 * a->k_stride) * es;
+        k.count = t->nk - b0 < block ? t->nk - b0 : block;
+        k.pos0 += b0 * a->rate;
+        ra_cpu_backward_dkdv(ws, a->dtype, a->head_dim, a->scale, a->causal, a->rate, q, dout, bw->dout_stride,
+                             lse, a->lse_stride, delta, a->lse_stride, k, v + (size_t)(b0 * a->v_stride) * es,
+                             a->v_stride, bw->dk + t->dkv + b0 * bw->dkv_stride,
+                             bw->dv + t->dkv + b0 * bw->dkv_stride, bw->dkv_stride);
+      } else {
+        if (b0 >= t->nq) continue;
+        q.ptr = (const char *)q.ptr + (size_t)(b0 * a->q_stride) * es;
+        q.count = t->nq - b0 < block ? t->nq - b0 : block;
+        q.pos0 += b0 * a->rate;
+        ra_cpu_backward_dq(ws, a->dtype, a->head_dim, a->scale, a->causal, a->rate, q,
+                           dout + (size_t)(b0 * bw->dout_stride) * es, bw->dout_stride,
+                           lse + b0 * a->lse_stride, a->lse_stride, delta + b0 * a->lse_stride, a->lse_stride,
+                           k, v, a->v_stride, a->acc + t->acc + b0 * a->acc_stride, a->acc_stride);
+      }
+    }
+  }
+  return RA_OK;
+}
+
+static ra_status cpu_scatter_add(void *ctx, const ra_scatter_batch *sc) {
+  const ra_cpu_backend *cpu = ctx;
+#pragma omp parallel for num_threads(cpu->threads) schedule(static)
+  for (int64_t i = 0; i < sc->ntasks; i++) {
+    const ra_copy_task *t = &sc->tasks[i];
+    for (int64_t r = 0; r < t->count; r++) {
+      const float *src = sc->src + t->src + r * sc->head_dim;
+      float *dst = sc->dst + t->dst + r * sc->dst_stride;
+      for (int64_t c = 0; c < sc->head_dim; c++) dst[c] += src[c];
+    }
+  }
+  return RA_OK;
+}
+
+static const ra_backend_ops cpu_ops = {"cpu", cpu_alloc, cpu_free, cpu_init_state, cpu_gather,
+                                       cpu_attend, cpu_store, cpu_sync, cpu_row_dot,
+                                       cpu_attend_backward, cpu_scatter_add};
+
+ra_status ra_cpu_backend_open(ra_cpu_backend *cpu, int threads, int64_t head_dim, int backward,
                               ra_stats *stats, ra_backend *out) {
   memset(cpu, 0, sizeof *cpu);
   cpu->threads = threads > 0 ? threads : 1;
   cpu->head_dim = head_dim;
   cpu->stats = stats;
   cpu->ws = calloc((size_t)cpu->threads, sizeof(void *));
-  if (!cpu->ws) return ra_fail(RA_ERR_OUT_OF_MEMORY, "could not allocate kernel workspaces");
+  cpu->bwd_ws = backward ? calloc((size_t)cpu->threads, sizeof(void *)) : NULL;
+  if (!cpu->ws || (backward && !cpu->bwd_ws)) {
+    ra_cpu_backend_close(cpu);
+    return ra_fail(RA_ERR_OUT_OF_MEMORY, "could not allocate kernel workspaces");
+  }
   for (int t = 0; t < cpu->threads; t++) {
-    if (!(cpu->ws[t] = ra_alloc(stats, ra_workspace_bytes(head_dim)))) {
+    if (!(cpu->ws[t] = ra_alloc(stats, ra_workspace_bytes(head_dim))) ||
+        (backward && !(cpu->bwd_ws[t] = ra_alloc(stats, ra_bwd_workspace_bytes(head_dim))))) {
       ra_cpu_backend_close(cpu);
       return ra_fail(RA_ERR_OUT_OF_MEMORY, "could not allocate kernel workspaces");
     }
     ra_workspace_init(cpu->ws[t], head_dim);
+    if (backward) ra_bwd_workspace_init(cpu->bwd_ws[t], head_dim);
   }
   out->ops = &cpu_ops;
   out->ctx = cpu;
@@ -118,8 +218,11 @@ ra_status ra_cpu_backend_open(ra_cpu_backend *cpu, int threads, int64_t head_dim
 }
 
 void ra_cpu_backend_close(ra_cpu_backend *cpu) {
-  if (cpu->ws)
-    for (int t = 0; t < cpu->threads; t++) ra_free(cpu->stats, cpu->ws[t], ra_workspace_bytes(cpu->head_dim));
+  for (int t = 0; t < cpu->threads; t++) {
+    if (cpu->ws) ra_free(cpu->stats, cpu->ws[t], cpu->ws[t] ? ra_workspace_bytes(cpu->head_dim) : 0);
+    if (cpu->bwd_ws) ra_free(cpu->stats, cpu->bwd_ws[t], cpu->bwd_ws[t] ? ra_bwd_workspace_bytes(cpu->head_dim) : 0);
+  }
   free(cpu->ws);
-  cpu->ws = NULL;
+  free(cpu->bwd_ws);
+  cpu->ws = cpu->bwd_ws = NULL;
 }

@@ -22,6 +22,9 @@
 
 #define BQ RA_CPU_BLOCK_Q
 #define BK 64
+/* Row strides of the kt and s tiles: BK plus 16 floats, so that walking a
+ * column does not keep hitting the same few L1 sets (64 floats = 256 bytes). */
+#define LD (BK + 16)
 #define VW 8 /* floats per vector */
 #define LOG2E 1.44269504088896340736f
 #define LN2 0.693147180559945309417f
@@ -32,9 +35,9 @@ typedef int32_t v8si __attribute__((vector_size(32), aligned(32)));
 struct ra_workspace {
   int64_t dp;      /* head dim padded to a multiple of 16 */
   float *q;        /* [BQ][dp]  scaled queries            */
-  float *kt;       /* [dp][BK]  keys, transposed          */
+  float *kt;       /* [dp][LD]  keys, transposed          */
   float *v;        /* [BK][dp]  values                    */
-  float *s;        /* [BQ][BK]  scores, then probabilities */
+  float *s;        /* [BQ][LD]  scores, then probabilities */
   float *o;        /* [BQ][dp]  unnormalised output        */
   float *m, *l, *lse; /* [BQ] running max, sum, final lse  */
 };
@@ -43,7 +46,7 @@ static int64_t padded_dim(int64_t d) { return (d + 15) / 16 * 16; }
 
 size_t ra_workspace_bytes(int64_t head_dim) {
   size_t dp = (size_t)padded_dim(head_dim);
-  size_t floats = BQ * dp * 2 + dp * BK + BK * dp + BQ * BK + 3 * BQ;
+  size_t floats = BQ * dp * 2 + dp * LD + BK * dp + BQ * LD + 3 * BQ;
   return sizeof(struct ra_workspace) + 64 + floats * sizeof(float) + 8 * 64;
 }
 
@@ -56,14 +59,14 @@ ra_workspace *ra_workspace_init(void *mem, int64_t head_dim) {
   float *p = (float *)((char *)mem + (sizeof *ws + 63) / 64 * 64);
   ws->dp = dp;
   ws->q = p;   p += BQ * dp;
-  ws->kt = p;  p += dp * BK;
+  ws->kt = p;  p += dp * LD;
   ws->v = p;   p += BK * dp;
-  ws->s = p;   p += BQ * BK;
+  ws->s = p;   p += BQ * LD;
   ws->o = p;   p += BQ * dp;
   ws->m = p;   p += BQ;
   ws->l = p;   p += BQ;
   ws->lse = p;
-  memset(ws->q, 0, sizeof(float) * (size_t)(BQ * dp * 2 + dp * BK + BK * dp + BQ * BK));
+  memset(ws->q, 0, sizeof(float) * (size_t)(BQ * dp * 2 + dp * LD + BK * dp + BQ * LD));
   return ws;
 }
 
@@ -109,6 +112,15 @@ static inline v8sf vexp2(v8sf x) {
 
 /* ------------------------------------------------------------ micro-kernels */
 
+/* GCC folds a vector load into the memory operand of every FMA that uses
+ * it, which makes the loop wait on loads; an empty asm that "modifies" the
+ * register keeps one load per vector. */
+#if defined(__GNUC__) && defined(__AVX__)
+#define KEEP_IN_REGISTER(x) __asm__("" : "+x"(x))
+#else
+#define KEEP_IN_REGISTER(x) ((void)0)
+#endif
+
 /* s[0:rows][0:BK] = q[0:rows][0:dp] . kt, four rows by sixteen columns at a
  * time so that eight accumulators stay in registers. */
 static void tile_scores(const ra_workspace *ws, int64_t rows) {
@@ -119,19 +131,21 @@ static void tile_scores(const ra_workspace *ws, int64_t rows) {
       v8sf a00 = vsplat(0), a01 = vsplat(0), a10 = vsplat(0), a11 = vsplat(0);
       v8sf a20 = vsplat(0), a21 = vsplat(0), a30 = vsplat(0), a31 = vsplat(0);
       for (int64_t c = 0; c < dp; c++) {
-        const v8sf k0 = *(const v8sf *)(ws->kt + c * BK + j);
-        const v8sf k1 = *(const v8sf *)(ws->kt + c * BK + j + 8);
+        v8sf k0 = *(const v8sf *)(ws->kt + c * LD + j);
+        v8sf k1 = *(const v8sf *)(ws->kt + c * LD + j + 8);
+        KEEP_IN_REGISTER(k0);
+        KEEP_IN_REGISTER(k1);
         const float x0 = q0[c], x1 = q0[dp + c], x2 = q0[2 * dp + c], x3 = q0[3 * dp + c];
         a00 += k0 * x0; a01 += k1 * x0;
         a10 += k0 * x1; a11 += k1 * x1;
         a20 += k0 * x2; a21 += k1 * x2;
         a30 += k0 * x3; a31 += k1 * x3;
       }
-      float *s = ws->s + i * BK + j;
+      float *s = ws->s + i * LD + j;
       *(v8sf *)(s) = a00;            *(v8sf *)(s + 8) = a01;
-      *(v8sf *)(s + BK) = a10;       *(v8sf *)(s + BK + 8) = a11;
-      *(v8sf *)(s + 2 * BK) = a20;   *(v8sf *)(s + 2 * BK + 8) = a21;
-      *(v8sf *)(s + 3 * BK) = a30;   *(v8sf *)(s + 3 * BK + 8) = a31;
+      *(v8sf *)(s + LD) = a10;       *(v8sf *)(s + LD + 8) = a11;
+      *(v8sf *)(s + 2 * LD) = a20;   *(v8sf *)(s + 2 * LD + 8) = a21;
+      *(v8sf *)(s + 3 * LD) = a30;   *(v8sf *)(s + 3 * LD + 8) = a31;
     }
   }
 }
@@ -140,7 +154,7 @@ static void tile_scores(const ra_workspace *ws, int64_t rows) {
 static void tile_accumulate(ra_workspace *ws, int64_t rows, int64_t cols) {
   const int64_t dp = ws->dp;
   for (int64_t i = 0; i < rows; i += 4) {
-    const float *p0 = ws->s + i * BK;
+    const float *p0 = ws->s + i * LD;
     for (int64_t c = 0; c < dp; c += 16) {
       float *o = ws->o + i * dp + c;
       v8sf a00 = *(v8sf *)(o), a01 = *(v8sf *)(o + 8);
@@ -148,9 +162,11 @@ static void tile_accumulate(ra_workspace *ws, int64_t rows, int64_t cols) {
       v8sf a20 = *(v8sf *)(o + 2 * dp), a21 = *(v8sf *)(o + 2 * dp + 8);
       v8sf a30 = *(v8sf *)(o + 3 * dp), a31 = *(v8sf *)(o + 3 * dp + 8);
       for (int64_t j = 0; j < cols; j++) {
-        const v8sf v0 = *(const v8sf *)(ws->v + j * dp + c);
-        const v8sf v1 = *(const v8sf *)(ws->v + j * dp + c + 8);
-        const float x0 = p0[j], x1 = p0[BK + j], x2 = p0[2 * BK + j], x3 = p0[3 * BK + j];
+        v8sf v0 = *(const v8sf *)(ws->v + j * dp + c);
+        v8sf v1 = *(const v8sf *)(ws->v + j * dp + c + 8);
+        KEEP_IN_REGISTER(v0);
+        KEEP_IN_REGISTER(v1);
+        const float x0 = p0[j], x1 = p0[LD + j], x2 = p0[2 * LD + j], x3 = p0[3 * LD + j];
         a00 += v0 * x0; a01 += v1 * x0;
         a10 += v0 * x1; a11 += v1 * x1;
         a20 += v0 * x2; a21 += v1 * x2;
@@ -188,13 +204,13 @@ static void load_tile(ra_workspace *ws, ra_dtype dtype, int64_t d, ra_tokens k,
     for (int64_t c0 = 0; c0 < d; c0 += 512) {
       int64_t w = d - c0 < 512 ? d - c0 : 512;
       ra_load_row(row, kp + (size_t)c0 * es, is_half, w, 1.0f);
-      for (int64_t c = 0; c < w; c++) ws->kt[(c0 + c) * BK + j] = row[c];
+      for (int64_t c = 0; c < w; c++) ws->kt[(c0 + c) * LD + j] = row[c];
     }
     ra_load_row(ws->v + j * ws->dp, (const char *)v + (size_t)((j0 + j) * v_stride) * es,
                 is_half, d, 1.0f);
   }
   for (int64_t j = n; j < BK; j++) {
-    for (int64_t c = 0; c < d; c++) ws->kt[c * BK + j] = 0.0f;
+    for (int64_t c = 0; c < d; c++) ws->kt[c * LD + j] = 0.0f;
     memset(ws->v + j * ws->dp, 0, sizeof(float) * (size_t)d);
   }
 }
@@ -207,7 +223,7 @@ static void load_tile(ra_workspace *ws, ra_dtype dtype, int64_t d, ra_tokens k,
 static void mask_tile(ra_workspace *ws, int64_t rows, int64_t n, int causal,
                       int64_t qpos0, int64_t kpos0, int64_t rate) {
   for (int64_t t = 0; t < rows; t++) {
-    float *s = ws->s + t * BK;
+    float *s = ws->s + t * LD;
     int64_t visible = n;
     if (causal) {
       int64_t diff = qpos0 + t * rate - kpos0; /* keys j with j*rate <= diff */
@@ -223,7 +239,7 @@ static void mask_tile(ra_workspace *ws, int64_t rows, int64_t n, int causal,
 static void softmax_tile(ra_workspace *ws, int64_t rows) {
   const int64_t dp = ws->dp;
   for (int64_t t = 0; t < rows; t++) {
-    v8sf *s = (v8sf *)(ws->s + t * BK);
+    v8sf *s = (v8sf *)(ws->s + t * LD);
     v8sf mx = s[0];
     for (int j = 1; j < BK / VW; j++) mx = vselect((s[j] > mx) | (s[j] != s[j]), s[j], mx);
     float m_new = hmax(mx), m_old = ws->m[t];

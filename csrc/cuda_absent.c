@@ -14,3 +14,9 @@ ra_status ra_cuda_merge_rows(float *acc, int64_t acc_stride, float *lse_acc,
   (void)part_stride; (void)lse_part; (void)rows; (void)dim; (void)stream;
   return ra_fail(RA_ERR_UNSUPPORTED, "ringattn was built without CUDA (rebuild with -Dcuda=enabled)");
 }
+
+ra_status ra_cuda_forward(const ra_plan *plan, ra_tensor q, ra_tensor k, ra_tensor v,
+                          ra_tensor o, float *lse, void *stream, ra_stats *stats) {
+  (void)plan; (void)q; (void)k; (void)v; (void)o; (void)lse; (void)stream; (void)stats;
+  return ra_fail(RA_ERR_UNSUPPORTED, "ringattn was built without CUDA (rebuild with -Dcuda=enabled)");
+}

@@ -96,6 +96,9 @@ typedef struct ra_attend_task {
   int64_t acc, lse;      /* accumulator row and lse of query 0 (floats)  */
   int64_t nq, nk;        /* tokens in the runs                           */
   int64_t qpos0, kpos0;  /* global positions of token 0 (step: rate)     */
+  int64_t dout, dkv;     /* backward only: dO row of query 0 (elements),  */
+                         /* dK/dV accumulator row of key 0 (floats)       */
+  int64_t delta;         /* backward only: delta of query 0 (floats)      */
 } ra_attend_task;
 
 typedef struct ra_attend_batch {
@@ -128,6 +131,32 @@ typedef struct ra_gather_batch {
   int64_t ntasks;
 } ra_gather_batch;
 
+/* The backward of an attend batch: `a` as in the forward, with acc the dQ
+ * accumulator and lse the rows' final log-sum-exp; dO at dout + task.dout
+ * (rows dout_stride apart), delta = dO . o per row at delta + task.delta
+ * (rows a.lse_stride apart), dK/dV accumulators at dk/dv + task.dkv (rows
+ * dkv_stride floats apart).  Every gradient is accumulated (+=). */
+typedef struct ra_backward_batch {
+  ra_attend_batch a;
+  const void *dout;
+  int64_t dout_stride;
+  const float *delta;
+  float *dk, *dv;
+  int64_t dkv_stride;
+} ra_backward_batch;
+
+/* Add packed fp32 rows back into strided accumulator rows: task i adds
+ * `count` rows of head_dim floats from src + src (contiguous) to dst + dst
+ * (rows dst_stride apart). */
+typedef struct ra_scatter_batch {
+  int64_t head_dim;
+  const float *src;
+  float *dst;
+  int64_t dst_stride;
+  const ra_copy_task *tasks;
+  int64_t ntasks;
+} ra_scatter_batch;
+
 typedef struct ra_backend_ops {
   const char *name;
   /* Memory the backend computes in and the transport reads (NULL + ra_fail on failure). */
@@ -143,6 +172,12 @@ typedef struct ra_backend_ops {
                      const float *lse_state, ra_tensor o, float *lse, int64_t lse_ld);
   /* Make everything computed so far visible to the transport. */
   ra_status (*sync)(void *ctx);
+  /* ---- backward (may be NULL in a backend without it) ---- */
+  /* delta[(b*h + head)*lse_ld + p] = sum_d dout * o for every row of the shard */
+  ra_status (*row_dot)(void *ctx, const ra_config *cfg, int64_t L, ra_tensor dout, ra_tensor o,
+                       float *delta, int64_t lse_ld);
+  ra_status (*attend_backward)(void *ctx, const ra_backward_batch *b);
+  ra_status (*scatter_add)(void *ctx, const ra_scatter_batch *s);
 } ra_backend_ops;
 
 typedef struct ra_backend {
@@ -155,12 +190,20 @@ typedef struct ra_backend {
 typedef struct ra_cpu_backend {
   int threads;
   int64_t head_dim;
-  void **ws;
+  void **ws, **bwd_ws; /* per thread; bwd_ws only when opened for a backward */
   ra_stats *stats;
 } ra_cpu_backend;
-ra_status ra_cpu_backend_open(ra_cpu_backend *cpu, int threads, int64_t head_dim,
+ra_status ra_cpu_backend_open(ra_cpu_backend *cpu, int threads, int64_t head_dim, int backward,
                               ra_stats *stats, ra_backend *out);
 void ra_cpu_backend_close(ra_cpu_backend *cpu);
+
+/* The backward of one rank: dq, dk, dv (this rank's shards, the inputs'
+ * dtype) from q, k, v, o, dout and the forward's final lse (ring.c). */
+ra_status ra_ring_backward_run(const ra_plan *plan, const ra_transport *transport,
+                               const ra_backend *backend, ra_tensor q, ra_tensor k,
+                               ra_tensor v, ra_tensor o, ra_tensor dout, const float *lse,
+                               int64_t lse_ld, ra_tensor dq, ra_tensor dk, ra_tensor dv,
+                               ra_stats *stats);
 
 /* One rank of the ring on any backend and transport (ring.c). */
 ra_status ra_ring_run(const ra_plan *plan, const ra_transport *transport,
@@ -182,9 +225,19 @@ struct ra_comm {
   /* run one rank of the ring on this communicator's backend */
   ra_status (*ring)(ra_comm *comm, const ra_plan *plan, ra_tensor q, ra_tensor k, ra_tensor v,
                     ra_tensor o, float *lse, int64_t lse_ld, const ra_exec *exec, ra_stats *stats);
+  /* its backward (t: q, k, v, o, dout, dq, dk, dv) */
+  ra_status (*ring_backward)(ra_comm *comm, const ra_plan *plan, const ra_tensor *t, const float *lse,
+                             int64_t lse_ld, const ra_exec *exec, ra_stats *stats);
   void (*destroy)(ra_comm *comm);
   void *impl;
 };
+
+/* Run fn(arg, r) for every rank r of an in-process world: rank 0 on the
+ * calling thread, the others on threads of their own.  A rank that fails
+ * aborts the world so that none of its peers waits forever; the result is
+ * the root cause (a rank's own failure before its peers' echoes of it). */
+typedef ra_status (*ra_rank_fn)(void *arg, int rank);
+ra_status ra_run_rank_threads(ra_inproc_world *world, int ranks, ra_rank_fn fn, void *arg);
 
 /* One rank of the ring on the CUDA backend over any transport: q, k, v, o
  * and lse are device memory on `device` (used by the NCCL communicator). */

@@ -38,7 +38,12 @@ typedef struct rank_ctx {
   ra_stats *stats;
   ra_tensor q, k, v;
   int64_t L, start;      /* local length and first global position */
-  float *acc, *lse;      /* [b][L][h][d] and [b][h][L], backend memory */
+  float *acc, *lse;      /* [b][L][h][d] and [b][h][lse_ld], backend memory */
+  int64_t lse_ld;
+  /* backward only: acc is dQ, lse the forward's final lse */
+  ra_tensor dout;
+  const float *delta;    /* [b][h][lse_ld] */
+  float *dk, *dv;        /* [b][L][h][d] accumulators of the shard's own keys */
   ra_attend_task *tasks; /* scratch for one step's task list          */
   ra_copy_task *copies;  /* scratch for one block's packing list       */
 } rank_ctx;
@@ -50,7 +55,15 @@ typedef struct kv_source {
   int64_t k_stride_b, v_stride_b, stride_t;
   int64_t window;        /* elements between the first tokens of windows */
   const int64_t *at, *count, *pos0;
+  /* backward: dK/dV accumulators of these keys, floats, same indexing */
+  float *dk, *dv;
+  int64_t dkv_stride_b, dkv_stride_t, dkv_window;
+  const int64_t *dkv_at;
 } kv_source;
+
+static ra_status check_call(const ra_plan *plan, const ra_transport *tr, const ra_backend *be,
+                            ra_tensor q, ra_tensor k, ra_tensor v, ra_tensor o,
+                            float *lse, int64_t lse_ld);
 
 /* --------------------------------------------------- counted backend memory */
 
@@ -72,7 +85,7 @@ static void be_free(rank_ctx *r, void *p, size_t bytes) {
  * [w*wlen, (w+1)*wlen) (w < nwin; each inside one segment) to the
  * keys/values of `src`: one task per (batch, head, window). */
 static ra_status attend_block(rank_ctx *r, int branch, int64_t wlen, int64_t nwin,
-                              const kv_source *src) {
+                              const kv_source *src, int backward) {
   const ra_config *c = r->cfg;
   const ra_branch_info *bi = &r->plan->branch[branch];
   const int64_t H = c->num_heads, d = c->head_dim, rate = bi->rate;
@@ -90,25 +103,32 @@ static ra_status attend_block(rank_ctx *r, int branch, int64_t wlen, int64_t nwi
         t->k = bb * src->k_stride_b + src->at[hh] + w * src->window;
         t->v = bb * src->v_stride_b + src->at[hh] + w * src->window;
         t->acc = ((bb * r->L + lpos) * H + h) * d;
-        t->lse = (bb * H + h) * r->L + lpos;
+        t->lse = (bb * H + h) * r->lse_ld + lpos;
         t->nq = run.count;
         t->nk = src->count[hh];
         t->qpos0 = r->start + lpos;
         t->kpos0 = src->pos0[hh] + w * wlen;
+        t->dout = bb * r->dout.stride_b + lpos * r->dout.stride_n + h * r->dout.stride_h;
+        t->dkv = backward ? bb * src->dkv_stride_b + src->dkv_at[hh] + w * src->dkv_window : 0;
+        t->delta = (bb * H + h) * r->L + lpos;
       }
     }
+  if (n == 0) return RA_OK;
   ra_attend_batch a = {c->dtype, d, (float)c->scale, c->causal, rate,
                        r->q.data, src->k, src->v,
                        rate * r->q.stride_n, src->stride_t, src->stride_t,
                        r->acc, r->lse, rate * H * d, rate,
                        r->tasks, n};
-  return n ? r->be->ops->attend(r->be->ctx, &a) : RA_OK;
+  if (!backward) return r->be->ops->attend(r->be->ctx, &a);
+  ra_backward_batch bw = {a, r->dout.data, rate * r->dout.stride_n, r->delta, src->dk, src->dv,
+                          src->dkv_stride_t};
+  return r->be->ops->attend_backward(r->be->ctx, &bw);
 }
 
 /* A local branch: every segment of the shard attends to itself. */
-static ra_status run_local_branch(rank_ctx *r, int branch, int64_t *tables) {
+static ra_status run_local_branch(rank_ctx *r, int branch, int64_t *tables, int backward) {
   const ra_branch_info *bi = &r->plan->branch[branch];
-  const int64_t H = r->cfg->num_heads, hb = bi->head_end - bi->head_begin;
+  const int64_t H = r->cfg->num_heads, d = r->cfg->head_dim, hb = bi->head_end - bi->head_begin;
   int64_t *at = tables, *count = tables + hb, *pos0 = tables + 2 * hb;
   for (int64_t hh = 0; hh < hb; hh++) {
     const int64_t h = bi->head_begin + hh;
@@ -117,10 +137,14 @@ static ra_status run_local_branch(rank_ctx *r, int branch, int64_t *tables) {
     count[hh] = run.count;
     pos0[hh] = r->start + run.first;
   }
+  /* backward: the shard's own dK/dV rows, laid out like the accumulator */
+  int64_t *dkv_at = tables + 3 * hb;
+  for (int64_t hh = 0; hh < hb; hh++) dkv_at[hh] = (pos0[hh] - r->start) * H * d + (bi->head_begin + hh) * d;
   kv_source src = {r->k.data, r->v.data, r->k.stride_b, r->v.stride_b, bi->rate * r->k.stride_n,
-                   bi->segment * r->k.stride_n, at, count, pos0};
+                   bi->segment * r->k.stride_n, at, count, pos0,
+                   r->dk, r->dv, r->L * H * d, bi->rate * H * d, bi->segment * H * d, dkv_at};
   r->stats->steps++;
-  return attend_block(r, branch, bi->segment, r->L / bi->segment, &src);
+  return attend_block(r, branch, bi->segment, r->L / bi->segment, &src, backward);
 }
 
 /* ------------------------------------------------------------- packing */
@@ -144,13 +168,21 @@ static int64_t packed_layout(const rank_ctx *r, int branch, int64_t start,
   return 2 * r->cfg->batch * per_batch;
 }
 
-/* The packed block as a key/value source. */
+/* The packed block as a key/value source.  In the backward a block carries
+ * its dK/dV accumulators (fp32, laid out like the keys) after the values. */
 static kv_source packed_source(const rank_ctx *r, void *buf, int64_t elems,
                                const int64_t *at, const int64_t *count, const int64_t *pos0) {
-  const int64_t per_batch = elems / (2 * r->cfg->batch);
-  kv_source src = {buf, (char *)buf + (size_t)(r->cfg->batch * per_batch) * ra_dtype_size(r->cfg->dtype),
-                   per_batch, per_batch, r->cfg->head_dim, 0, at, count, pos0};
+  const int64_t B = r->cfg->batch, per_batch = elems / (2 * B);
+  char *grads = (char *)buf + (size_t)(2 * B * per_batch) * ra_dtype_size(r->cfg->dtype);
+  kv_source src = {buf, (char *)buf + (size_t)(B * per_batch) * ra_dtype_size(r->cfg->dtype),
+                   per_batch, per_batch, r->cfg->head_dim, 0, at, count, pos0,
+                   (float *)grads, (float *)grads + B * per_batch, per_batch, r->cfg->head_dim, 0, at};
   return src;
+}
+
+/* Bytes of a packed block of `elems` key+value elements (with dK/dV in the backward). */
+static int64_t block_bytes(const rank_ctx *r, int64_t elems, int backward) {
+  return elems * ((int64_t)ra_dtype_size(r->cfg->dtype) + (backward ? 4 : 0));
 }
 
 /* Gather this rank's active keys and values of a branch into buf. */
@@ -244,7 +276,7 @@ static ra_status run_spanning_branch(rank_ctx *r, int branch, int64_t *tables) {
     }
     if (!r->cfg->causal || s <= pos) {
       const kv_source src = packed_source(r, buf[cur], cur_elems, cur_at, cur_n, cur_p);
-      if ((st = attend_block(r, branch, r->L, 1, &src)) != RA_OK) goto done;
+      if ((st = attend_block(r, branch, r->L, 1, &src, 0)) != RA_OK) goto done;
       r->stats->steps++;
     } else {
       r->stats->steps_skipped++;
@@ -274,6 +306,182 @@ done:
   }
   be_free(r, buf[0], cap_bytes);
   be_free(r, buf[1], cap_bytes);
+  return st;
+}
+
+/* ------------------------------------------------------------ backward */
+
+/* The backward of a spanning branch.  Each block travels the whole sub-ring
+ * with its dK/dV accumulators, which every rank it visits adds to, and
+ * after m transfers arrives home complete.  The next block is received
+ * while the current one is computed; the current one is sent on only once
+ * its gradients are updated.  (Causality saves compute here, not traffic:
+ * every block makes the full loop home.) */
+static ra_status run_spanning_backward(rank_ctx *r, int branch, int64_t *tables) {
+  const ra_branch_info *bi = &r->plan->branch[branch];
+  const ra_config *c = r->cfg;
+  const int64_t m = bi->span, rank = r->tr->rank, pos = rank % m, group0 = rank - pos;
+  const int64_t hb = bi->head_end - bi->head_begin, H = c->num_heads, d = c->head_dim, B = c->batch;
+  int64_t *cur_at = tables, *cur_n = tables + hb, *cur_p = tables + 2 * hb;
+  int64_t *nxt_at = tables + 3 * hb, *nxt_n = tables + 4 * hb, *nxt_p = tables + 5 * hb;
+  ra_status st = RA_OK;
+  int cur = 0, sending = 0, receiving = 0;
+  ra_request sreq, rreq;
+  void *buf[2] = {NULL, NULL};
+
+  int64_t cap = 0;
+  for (int64_t p = 0; p < m; p++) {
+    int64_t e = packed_layout(r, branch, (group0 + p) * r->L, nxt_at, nxt_n, nxt_p);
+    if (e > cap) cap = e;
+  }
+  const size_t cap_bytes = (size_t)block_bytes(r, cap, 1);
+  buf[0] = be_alloc(r, cap_bytes);
+  buf[1] = be_alloc(r, cap_bytes);
+  if (!buf[0] || !buf[1]) {
+    st = RA_ERR_OUT_OF_MEMORY;
+    goto done;
+  }
+  int64_t cur_elems = packed_layout(r, branch, r->start, cur_at, cur_n, cur_p);
+  kv_source own = packed_source(r, buf[0], cur_elems, cur_at, cur_n, cur_p);
+  if ((st = r->be->ops->init_state(r->be->ctx, own.dk, cur_elems, NULL, 0)) != RA_OK) goto done;
+  if ((st = pack_block(r, branch, buf[0], cur_elems, cur_at, cur_n, cur_p)) != RA_OK) goto done;
+
+  for (int64_t s = 0; s < m; s++) {
+    const int64_t from = (pos - (s + 1) + 2 * m) % m; /* origin of the next block */
+    const int64_t nxt_elems = packed_layout(r, branch, (group0 + from) * r->L, nxt_at, nxt_n, nxt_p);
+    const int64_t prev = group0 + (pos + m - 1) % m, next = group0 + (pos + 1) % m;
+    if ((st = r->tr->ops->irecv(r->tr->ctx, buf[1 - cur], (size_t)block_bytes(r, nxt_elems, 1), (int)prev,
+                                branch, &rreq)) != RA_OK)
+      goto done;
+    receiving = 1;
+    r->stats->bytes_received += block_bytes(r, nxt_elems, 1);
+    if (!c->causal || s <= pos) {
+      const kv_source src = packed_source(r, buf[cur], cur_elems, cur_at, cur_n, cur_p);
+      if ((st = attend_block(r, branch, r->L, 1, &src, 1)) != RA_OK) goto done;
+      r->stats->steps++;
+    } else {
+      r->stats->steps_skipped++;
+    }
+    if ((st = r->be->ops->sync(r->be->ctx)) != RA_OK) goto done; /* dK/dV of the block are final here */
+    if ((st = r->tr->ops->isend(r->tr->ctx, buf[cur], (size_t)block_bytes(r, cur_elems, 1), (int)next, branch,
+                                &sreq)) != RA_OK)
+      goto done;
+    sending = 1;
+    r->stats->bytes_sent += block_bytes(r, cur_elems, 1);
+    if ((receiving = 0, st = r->tr->ops->wait(r->tr->ctx, &rreq)) != RA_OK) goto done;
+    if ((sending = 0, st = r->tr->ops->wait(r->tr->ctx, &sreq)) != RA_OK) goto done;
+    int64_t *t;
+    t = cur_at; cur_at = nxt_at; nxt_at = t;
+    t = cur_n; cur_n = nxt_n; nxt_n = t;
+    t = cur_p; cur_p = nxt_p; nxt_p = t;
+    cur_elems = nxt_elems;
+    cur = 1 - cur;
+  }
+
+  /* Home: buf[cur] is this rank's own block with every rank's contribution. */
+  {
+    const kv_source home = packed_source(r, buf[cur], cur_elems, cur_at, cur_n, cur_p);
+    int64_t n = 0;
+    for (int64_t bb = 0; bb < B; bb++)
+      for (int64_t hh = 0; hh < hb; hh++) {
+        ra_copy_task *t = &r->copies[n++];
+        t->src = bb * home.dkv_stride_b + cur_at[hh];
+        t->dst = ((bb * r->L + (cur_p[hh] - r->start)) * H + bi->head_begin + hh) * d;
+        t->count = cur_n[hh];
+      }
+    ra_scatter_batch sk = {d, home.dk, r->dk, bi->rate * H * d, r->copies, n};
+    ra_scatter_batch sv = {d, home.dv, r->dv, bi->rate * H * d, r->copies, n};
+    if ((st = r->be->ops->scatter_add(r->be->ctx, &sk)) == RA_OK)
+      st = r->be->ops->scatter_add(r->be->ctx, &sv);
+    if (st == RA_OK) st = r->be->ops->sync(r->be->ctx);
+  }
+done:
+  if (sending || receiving) {
+    if (r->tr->ops->abort) r->tr->ops->abort(r->tr->ctx);
+    if (receiving) r->tr->ops->wait(r->tr->ctx, &rreq);
+    if (sending) r->tr->ops->wait(r->tr->ctx, &sreq);
+  }
+  be_free(r, buf[0], cap_bytes);
+  be_free(r, buf[1], cap_bytes);
+  return st;
+}
+
+ra_status ra_ring_backward_run(const ra_plan *plan, const ra_transport *tr, const ra_backend *be,
+                               ra_tensor q, ra_tensor k, ra_tensor v, ra_tensor o, ra_tensor dout,
+                               const float *lse, int64_t lse_ld, ra_tensor dq, ra_tensor dk,
+                               ra_tensor dv, ra_stats *stats) {
+  RA_TRY(check_call(plan, tr, be, q, k, v, o, NULL, 0));
+  if (!dout.data) return ra_fail(RA_ERR_INVALID_ARGUMENT, "dout: data is NULL");
+  if (!dq.data || !dk.data || !dv.data) return ra_fail(RA_ERR_INVALID_ARGUMENT, "dq, dk, dv: data is NULL");
+  if (!lse) return ra_fail(RA_ERR_INVALID_ARGUMENT, "lse: the forward's log-sum-exp is required");
+  if (lse_ld < plan->local_len)
+    return ra_fail(RA_ERR_INVALID_ARGUMENT, "lse: row stride %lld below the local length %lld",
+                   (long long)lse_ld, (long long)plan->local_len);
+  if (!be->ops->attend_backward || !be->ops->row_dot || !be->ops->scatter_add)
+    return ra_fail(RA_ERR_UNSUPPORTED, "the %s backend has no backward", be->ops->name);
+  const ra_config *c = &plan->cfg;
+  rank_ctx r;
+  memset(&r, 0, sizeof r);
+  r.plan = plan;
+  r.cfg = c;
+  r.tr = tr;
+  r.be = be;
+  r.stats = stats;
+  r.q = q;
+  r.k = k;
+  r.v = v;
+  r.dout = dout;
+  r.L = plan->local_len;
+  r.start = (int64_t)tr->rank * r.L;
+  r.lse = (float *)lse; /* read only in the backward */
+  r.lse_ld = lse_ld;
+  const int64_t H = c->num_heads, d = c->head_dim, es = (int64_t)ra_dtype_size(c->dtype);
+  const int64_t held = 8 * c->batch * r.L * H * d * es + c->batch * H * r.L * 4; /* 8 shards + lse */
+  const size_t acc_bytes = (size_t)(c->batch * r.L * H * d) * sizeof(float);
+  const size_t delta_bytes = (size_t)(c->batch * H * r.L) * sizeof(float);
+  int64_t max_windows = 1;
+  for (int b = 0; b < c->num_branches; b++)
+    if (plan->branch[b].span == 1 && r.L / plan->branch[b].segment > max_windows)
+      max_windows = r.L / plan->branch[b].segment;
+  const size_t task_bytes = (size_t)(c->batch * H * max_windows) * sizeof(ra_attend_task);
+  const size_t copy_bytes = (size_t)(c->batch * H) * sizeof(ra_copy_task);
+  ra_status st = RA_OK;
+  float *delta = NULL;
+
+  ra_hold(stats, held);
+  int64_t *tables = malloc(sizeof(int64_t) * (size_t)(6 * H));
+  r.tasks = ra_alloc(stats, task_bytes);
+  r.copies = ra_alloc(stats, copy_bytes);
+  r.acc = be_alloc(&r, acc_bytes);
+  r.dk = be_alloc(&r, acc_bytes);
+  r.dv = be_alloc(&r, acc_bytes);
+  delta = be_alloc(&r, delta_bytes);
+  r.delta = delta;
+  if (!tables || !r.tasks || !r.copies || !r.acc || !r.dk || !r.dv || !delta) {
+    st = ra_fail(RA_ERR_OUT_OF_MEMORY, "could not allocate the gradient accumulators of rank %d", tr->rank);
+    goto done;
+  }
+  const int64_t n_acc = c->batch * r.L * H * d;
+  if ((st = be->ops->init_state(be->ctx, r.acc, n_acc, NULL, 0)) == RA_OK &&
+      (st = be->ops->init_state(be->ctx, r.dk, n_acc, NULL, 0)) == RA_OK &&
+      (st = be->ops->init_state(be->ctx, r.dv, n_acc, NULL, 0)) == RA_OK)
+    st = be->ops->row_dot(be->ctx, c, r.L, dout, o, delta, r.L);
+  for (int b = 0; b < c->num_branches && st == RA_OK; b++)
+    st = plan->branch[b].span == 1 ? run_local_branch(&r, b, tables, 1) : run_spanning_backward(&r, b, tables);
+  if (st == RA_OK) st = be->ops->store(be->ctx, c, r.L, r.acc, NULL, dq, NULL, 0);
+  if (st == RA_OK) st = be->ops->store(be->ctx, c, r.L, r.dk, NULL, dk, NULL, 0);
+  if (st == RA_OK) st = be->ops->store(be->ctx, c, r.L, r.dv, NULL, dv, NULL, 0);
+  if (st == RA_OK) st = be->ops->sync(be->ctx);
+
+done:
+  be_free(&r, delta, delta_bytes);
+  be_free(&r, r.dv, acc_bytes);
+  be_free(&r, r.dk, acc_bytes);
+  be_free(&r, r.acc, acc_bytes);
+  ra_free(stats, r.copies, copy_bytes);
+  ra_free(stats, r.tasks, task_bytes);
+  free(tables);
+  ra_release(stats, held);
   return st;
 }
 
@@ -307,7 +515,17 @@ ra_status ra_ring_run(const ra_plan *plan, const ra_transport *tr, const ra_back
                       int64_t lse_ld, ra_stats *stats) {
   RA_TRY(check_call(plan, tr, be, q, k, v, o, lse, lse_ld));
   const ra_config *c = &plan->cfg;
-  rank_ctx r = {plan, c, tr, be, stats, q, k, v, plan->local_len, 0, NULL, NULL, NULL, NULL};
+  rank_ctx r;
+  memset(&r, 0, sizeof r);
+  r.plan = plan;
+  r.cfg = c;
+  r.tr = tr;
+  r.be = be;
+  r.stats = stats;
+  r.q = q;
+  r.k = k;
+  r.v = v;
+  r.L = r.lse_ld = plan->local_len;
   r.start = (int64_t)tr->rank * r.L;
   const int64_t H = c->num_heads, d = c->head_dim, es = (int64_t)ra_dtype_size(c->dtype);
   const int64_t held = 4 * c->batch * r.L * H * d * es + (lse ? c->batch * H * r.L * 4 : 0);
@@ -334,7 +552,7 @@ ra_status ra_ring_run(const ra_plan *plan, const ra_transport *tr, const ra_back
   }
   st = be->ops->init_state(be->ctx, r.acc, c->batch * r.L * H * d, r.lse, c->batch * H * r.L);
   for (int b = 0; b < c->num_branches && st == RA_OK; b++)
-    st = plan->branch[b].span == 1 ? run_local_branch(&r, b, tables) : run_spanning_branch(&r, b, tables);
+    st = plan->branch[b].span == 1 ? run_local_branch(&r, b, tables, 0) : run_spanning_branch(&r, b, tables);
   if (st == RA_OK) st = be->ops->store(be->ctx, c, r.L, r.acc, r.lse, o, lse, lse_ld);
   if (st == RA_OK) st = be->ops->sync(be->ctx);
 
@@ -375,11 +593,39 @@ ra_status ra_ring_forward(const ra_plan *plan, const ra_transport *tr,
   if (st == RA_OK) {
     ra_cpu_backend cpu;
     ra_backend be;
-    st = ra_cpu_backend_open(&cpu, threads, plan ? plan->cfg.head_dim : 1, stats, &be);
+    st = ra_cpu_backend_open(&cpu, threads, plan ? plan->cfg.head_dim : 1, 0, stats, &be);
     if (st == RA_OK) st = ra_ring_run(plan, tr, &be, q, k, v, o, lse, lse_ld, stats);
     ra_cpu_backend_close(&cpu);
   }
   /* a failed rank tells its peers, so that none waits for it forever */
+  if (st != RA_OK && tr && tr->ops && tr->ops->abort) tr->ops->abort(tr->ctx);
+  return st;
+}
+
+ra_status ra_ring_backward(const ra_plan *plan, const ra_transport *tr, ra_tensor q, ra_tensor k,
+                           ra_tensor v, ra_tensor o, ra_tensor dout, const float *lse, int64_t lse_ld,
+                           ra_tensor dq, ra_tensor dk, ra_tensor dv, const ra_exec *exec, ra_stats *stats) {
+  ra_stats local_stats;
+  if (!stats) stats = &local_stats;
+  memset(stats, 0, sizeof *stats);
+  const int threads = exec && exec->num_threads > 0 ? exec->num_threads : ra_default_num_threads();
+  ra_status st = RA_OK;
+  if (plan && plan->cfg.dtype == RA_BFLOAT16)
+    st = ra_fail(RA_ERR_UNSUPPORTED, "dtype: bfloat16 is supported by the CUDA backend only");
+  else if (plan && q.data && k.data && v.data && exec && exec->check_finite)
+    st = check_finite(&plan->cfg, plan->local_len, q, k, v, threads);
+  if (st == RA_OK && plan && dout.data && exec && exec->check_finite &&
+      !ra_tensor_finite(dout, plan->cfg.dtype, plan->cfg.batch, plan->local_len, plan->cfg.num_heads,
+                        plan->cfg.head_dim, threads))
+    st = ra_fail(RA_ERR_NONFINITE, "dout contains NaN or Inf (nan_policy=\"raise\")");
+  if (st == RA_OK) {
+    ra_cpu_backend cpu;
+    ra_backend be;
+    st = ra_cpu_backend_open(&cpu, threads, plan ? plan->cfg.head_dim : 1, 1, stats, &be);
+    if (st == RA_OK)
+      st = ra_ring_backward_run(plan, tr, &be, q, k, v, o, dout, lse, lse_ld, dq, dk, dv, stats);
+    ra_cpu_backend_close(&cpu);
+  }
   if (st != RA_OK && tr && tr->ops && tr->ops->abort) tr->ops->abort(tr->ctx);
   return st;
 }

@@ -162,8 +162,9 @@ void ra_inproc_world_destroy(ra_inproc_world *world);
 ra_transport ra_inproc_transport(ra_inproc_world *world, int rank);
 /* How a receive copies bytes from the sender's buffer (memcpy by default;
  * ranks whose buffers live on a GPU set a device-to-device copy).  The copy
- * runs on the receiving rank's thread and must be complete on return. */
-typedef ra_status (*ra_copy_fn)(void *ctx, void *dst, const void *src, size_t bytes);
+ * runs on the thread of the receiving rank `rank` and must be complete on
+ * return. */
+typedef ra_status (*ra_copy_fn)(void *ctx, int rank, void *dst, const void *src, size_t bytes);
 void ra_inproc_world_set_copy(ra_inproc_world *world, ra_copy_fn copy, void *ctx);
 
 /* ------------------------------------------------------------------ running */
@@ -184,6 +185,17 @@ ra_status ra_ring_forward(const ra_plan *plan, const ra_transport *transport,
                           ra_tensor q, ra_tensor k, ra_tensor v, ra_tensor o,
                           float *lse, int64_t lse_ld, const ra_exec *exec,
                           ra_stats *stats);
+
+/* The backward of ra_ring_forward on one rank: given this rank's shards of
+ * q, k, v, the output o, the output gradient dout (all the plan's dtype)
+ * and the forward's lse (as ra_ring_forward wrote it), write this rank's
+ * shards of dq, dk, dv (the plan's dtype).  Key/value blocks travel the
+ * sub-rings with their dK/dV accumulators and arrive home complete. */
+ra_status ra_ring_backward(const ra_plan *plan, const ra_transport *transport,
+                           ra_tensor q, ra_tensor k, ra_tensor v, ra_tensor o,
+                           ra_tensor dout, const float *lse, int64_t lse_ld,
+                           ra_tensor dq, ra_tensor dk, ra_tensor dv,
+                           const ra_exec *exec, ra_stats *stats);
 
 /* Run all world_size ranks of the plan in this process, one thread each,
  * over the in-process transport.  q, k, v, o are full-length tensors; each
@@ -256,6 +268,19 @@ ra_status ra_comm_forward(const ra_config *cfg, ra_comm *comm, ra_tensor q,
                           ra_tensor k, ra_tensor v, ra_tensor o, float *lse,
                           int64_t lse_ld, const ra_exec *exec, ra_stats *stats);
 
+/* ra_inproc_forward's backward: full-length tensors, lse (batch, head, n). */
+ra_status ra_inproc_backward(const ra_plan *plan, ra_tensor q, ra_tensor k,
+                             ra_tensor v, ra_tensor o, ra_tensor dout,
+                             const float *lse, ra_tensor dq, ra_tensor dk,
+                             ra_tensor dv, const ra_exec *exec, ra_stats *stats);
+
+/* ra_comm_forward's backward (lse as that call wrote it, rows lse_ld apart). */
+ra_status ra_comm_backward(const ra_config *cfg, ra_comm *comm, ra_tensor q,
+                           ra_tensor k, ra_tensor v, ra_tensor o, ra_tensor dout,
+                           const float *lse, int64_t lse_ld, ra_tensor dq,
+                           ra_tensor dk, ra_tensor dv, const ra_exec *exec,
+                           ra_stats *stats);
+
 /* --------------------------------------------------------------------- merge */
 
 /* Merge a partial attention result into an accumulated one by log-sum-exp:
@@ -279,6 +304,20 @@ ra_status ra_cuda_merge_rows(float *acc, int64_t acc_stride, float *lse_acc,
                              int64_t lse_acc_stride, const float *part,
                              int64_t part_stride, const float *lse_part,
                              int64_t rows, int64_t dim, void *stream);
+
+/* Run all world_size ranks of the plan on the current CUDA device, one host
+ * thread and one CUDA stream pair each, over the in-process transport (the
+ * ring exchanges become device-to-device copies that overlap the attention).
+ * q, k, v, o are full-length DEVICE tensors of the plan's dtype (RA_FLOAT32,
+ * RA_FLOAT16 or RA_BFLOAT16), laid out (b, n, h, d) with the head dimension
+ * contiguous; lse (b, h, n) float32 is device memory or NULL.  The inputs
+ * are read after the work already enqueued on `stream` (a cudaStream_t;
+ * NULL is the default stream); the call returns when o and lse are written.
+ * stats, if not NULL, has world_size entries (bytes are device bytes).
+ * Head dims up to 256; fp16/bf16 with head dim 64 or 128 use tensor cores.
+ * RA_ERR_UNSUPPORTED in a build without CUDA. */
+ra_status ra_cuda_forward(const ra_plan *plan, ra_tensor q, ra_tensor k, ra_tensor v,
+                          ra_tensor o, float *lse, void *stream, ra_stats *stats);
 
 /* ------------------------------------------------------------------- threads */
 

@@ -105,7 +105,7 @@ static ra_status wait_recv(endpoint *e, ra_request *req) {
   if (rec->bytes != bytes)
     st = ra_fail(RA_ERR_TRANSPORT, "rank %d: expected %zu bytes from rank %d, got %zu", e->rank, bytes, src, rec->bytes);
   else if (w->copy)
-    st = w->copy(w->copy_ctx, req->handle, rec->buf, bytes);
+    st = w->copy(w->copy_ctx, e->rank, req->handle, rec->buf, bytes);
   else
     memcpy(req->handle, rec->buf, bytes);
   pthread_mutex_lock(&w->mu);

@@ -15,23 +15,30 @@ if _util.find_spec(__name__ + "._core") is None:  # a source checkout, see _chec
 
     _load_installed(__name__, __file__)
 else:
+    from ._core import RingAttnError, cuda_device_count
     from ._comm import Communicator, nccl_unique_id
     from ._api import (
         RingDilatedAttention,
         dilated_attention,
+        dilated_attention_backward,
         gather_sequence,
         get_num_threads,
         set_num_threads,
         split_sequence,
     )
+    from ._device import DeviceArray, cuda_forward_ptr  # the GPU path (issue 4)
 
     __version__ = "0.1.0"
 
     __all__ = [
         "Communicator",
+        "DeviceArray",
         "RingAttnError",
         "RingDilatedAttention",
+        "cuda_device_count",
+        "cuda_forward_ptr",
         "dilated_attention",
+        "dilated_attention_backward",
         "gather_sequence",
         "nccl_unique_id",
         "get_num_threads",

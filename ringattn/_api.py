@@ -3,6 +3,7 @@
 import numpy as np
 
 from . import _core
+from . import _device
 from . import _validate as check
 from ._comm import Communicator
 
@@ -20,20 +21,54 @@ def get_num_threads():
 
 
 def _run(q, k, v, segs, rates, causal, mode, scale, world_size, nan_policy, num_threads,
-         return_lse, out):
+         return_lse, out, device=None):
+    if _device.wants_gpu(device, q, k, v, out):  # CUDA arrays or device="cuda": see _device.py
+        return _device.run(q, k, v, segs, rates, causal, mode, scale, world_size, return_lse, out, device)
     q, k, v = check.qkv(q, k, v)
     out = check.out_array(out, q)
     b, n, h, _ = q.shape
     lse = np.empty((b, h, n), dtype=np.float32) if return_lse else None
     threads = check.num_threads(num_threads) or _threads["n"]
-    stats = _core.forward(q=q, k=k, v=v, out=out, lse=lse, segment_lengths=segs,
-                          dilation_rates=rates, causal=bool(causal), mode=mode, scale=scale,
-                          world_size=world_size, num_threads=threads, check_finite=nan_policy)
+    stats = _core.run(comm=None, backward=False, q=q, k=k, v=v, out=out, lse=lse, dout=None, dq=None,
+                      dk=None, dv=None, segment_lengths=segs, dilation_rates=rates, causal=bool(causal),
+                      mode=mode, scale=scale, world_size=world_size, num_threads=threads,
+                      check_finite=nan_policy)
     return (out, lse) if return_lse else out, stats
 
 
+def _backward(q, k, v, o, lse, dout, segs, rates, causal, mode, scale, world_size, nan_policy,
+              num_threads, comm=None):
+    """(dq, dk, dv) and per-rank stats; with comm, everything is this rank's shard."""
+    q, k, v = check.qkv(q, k, v)
+    o = check.like(o, q, "o")
+    dout = check.like(dout, q, "dout")
+    b, n, h, _ = q.shape
+    lse = check.lse(lse, (b, h, n))
+    grads = [np.empty_like(q, order="C") for _ in range(3)]
+    threads = check.num_threads(num_threads) or _threads["n"]
+    stats = _core.run(comm=None if comm is None else comm.handle(), backward=True, q=q, k=k, v=v, out=o,
+                      lse=lse, dout=dout, dq=grads[0], dk=grads[1], dv=grads[2], segment_lengths=segs,
+                      dilation_rates=rates, causal=bool(causal), mode=mode, scale=scale,
+                      world_size=world_size if comm is None else comm.world_size, num_threads=threads,
+                      check_finite=nan_policy)
+    return tuple(grads), stats
+
+
+def dilated_attention_backward(q, k, v, o, lse, dout, segment_lengths, dilation_rates, *, causal=False,
+                               mode="groups", scale=None, nan_policy="raise", num_threads=None):
+    """Gradients (dq, dk, dv) of dilated_attention at q, k, v for the output
+    gradient dout, given the forward's output o and its lse (return_lse=True).
+    Flash-style: probabilities are recomputed tile by tile from lse; every
+    gradient has the input dtype.  The other arguments are dilated_attention's."""
+    segs, rates = check.branches(segment_lengths, dilation_rates)
+    grads, _ = _backward(q, k, v, o, lse, dout, segs, rates, causal, check.mode(mode), check.scale(scale), 1,
+                         check.nan_policy(nan_policy), num_threads)
+    return grads
+
+
 def dilated_attention(q, k, v, segment_lengths, dilation_rates, *, causal=False, mode="groups",
-                      scale=None, nan_policy="raise", return_lse=False, num_threads=None, out=None):
+                      scale=None, nan_policy="raise", return_lse=False, num_threads=None, out=None,
+                      device=None):
     """Dilated attention of q, k, v laid out (batch, seq, heads, head_dim).
 
     segment_lengths / dilation_rates give the branches (s_i, r_i); mode is
@@ -44,10 +79,14 @@ def dilated_attention(q, k, v, segment_lengths, dilation_rates, *, causal=False,
     return_lse=True the log-sum-exp of every row, float32 (batch, heads, seq),
     is returned as well (-inf where a query attends to nothing).
     nan_policy="raise" refuses NaN/Inf inputs; "propagate" skips the check.
+    device=None runs where the inputs are: NumPy on the CPU, CUDA arrays
+    (__cuda_array_interface__ / DLPack: torch, CuPy, ...) on their GPU,
+    returning a ringattn.DeviceArray (or out=); device="cuda" runs NumPy
+    inputs on the GPU and returns NumPy.  See ringattn/_device.py.
     """
     segs, rates = check.branches(segment_lengths, dilation_rates)
     result, _ = _run(q, k, v, segs, rates, causal, check.mode(mode), check.scale(scale), 1,
-                     check.nan_policy(nan_policy), num_threads, return_lse, out)
+                     check.nan_policy(nan_policy), num_threads, return_lse, out, device)
     return result
 
 
@@ -63,7 +102,7 @@ class RingDilatedAttention:
     """
 
     def __init__(self, segment_lengths, dilation_rates, *, causal=False, mode="groups", scale=None,
-                 world_size=None, nan_policy="raise", num_threads=None, comm=None):
+                 world_size=None, nan_policy="raise", num_threads=None, comm=None, device=None):
         self.segment_lengths, self.dilation_rates = check.branches(segment_lengths, dilation_rates)
         self.causal = bool(causal)
         self.mode = mode
@@ -82,6 +121,8 @@ class RingDilatedAttention:
         self.nan_policy = nan_policy
         self._check = check.nan_policy(nan_policy)
         self.num_threads = None if num_threads is None else check.num_threads(num_threads)
+        _device.parse_device(device)  # checked now, used by __call__ (as in dilated_attention)
+        self.device = device
         self.last_stats = None
 
     def __repr__(self):
@@ -96,16 +137,36 @@ class RingDilatedAttention:
         return _core.plan(b, n, h, d, self.segment_lengths, self.dilation_rates, self.causal,
                           self._mode, self._scale, self.world_size)
 
-    def __call__(self, q, k, v, *, return_lse=False, out=None):
+    def __call__(self, q, k, v, *, return_lse=False, out=None, requires_grad=False):
         """Full-length q, k, v (in-process ranks), or with comm= this rank's
-        shards (b, n/k, h, d); returns the output of the same length."""
+        shards (b, n/k, h, d); returns the output of the same length.  With
+        requires_grad=True the call keeps what backward() needs: references
+        to q, k, v and the output, and the float32 lse."""
+        self._saved = None
+        keep = return_lse or requires_grad
         if self.comm is not None:
-            return self._call_comm(q, k, v, return_lse, out)
-        result, stats = _run(q, k, v, self.segment_lengths, self.dilation_rates, self.causal,
-                             self._mode, self._scale, self.world_size, self._check, self.num_threads,
-                             return_lse, out)
+            result, _ = self._call_comm(q, k, v, keep, out)
+        else:
+            result, stats = _run(q, k, v, self.segment_lengths, self.dilation_rates, self.causal,
+                                 self._mode, self._scale, self.world_size, self._check, self.num_threads,
+                                 keep, out, self.device)
+            self.last_stats = {key: [s[key] for s in stats] for key in stats[0]}
+        if requires_grad:
+            self._saved = (q, k, v) + tuple(result)
+        return result if return_lse or not keep else result[0]
+
+    def backward(self, dout):
+        """Gradients (dq, dk, dv) for the output gradient dout, after a call
+        with requires_grad=True; the same lengths as that call's inputs (this
+        rank's shards with comm=).  last_stats then describes the backward."""
+        if getattr(self, "_saved", None) is None:
+            raise RuntimeError("backward() needs a preceding call with requires_grad=True")
+        q, k, v, o, lse = self._saved
+        grads, stats = _backward(q, k, v, o, lse, dout, self.segment_lengths, self.dilation_rates,
+                                 self.causal, self._mode, self._scale, self.world_size, self._check,
+                                 self.num_threads, self.comm)
         self.last_stats = {key: [s[key] for s in stats] for key in stats[0]}
-        return result
+        return grads
 
 
     def _call_comm(self, q, k, v, return_lse, out):
@@ -119,13 +180,13 @@ class RingDilatedAttention:
             raise
         b, n_local, h, _ = q.shape
         lse = np.empty((b, h, n_local), dtype=np.float32) if return_lse else None
-        stats = _core.comm_forward(comm=comm.handle(), q=q, k=k, v=v, out=out, lse=lse,
-                                   segment_lengths=self.segment_lengths,
-                                   dilation_rates=self.dilation_rates, causal=self.causal,
-                                   mode=self._mode, scale=self._scale, num_threads=threads,
-                                   check_finite=self._check)
+        stats = _core.run(comm=comm.handle(), backward=False, q=q, k=k, v=v, out=out, lse=lse, dout=None,
+                          dq=None, dk=None, dv=None, segment_lengths=self.segment_lengths,
+                          dilation_rates=self.dilation_rates, causal=self.causal, mode=self._mode,
+                          scale=self._scale, world_size=comm.world_size, num_threads=threads,
+                          check_finite=self._check)
         self.last_stats = {key: [stats[0][key]] for key in stats[0]}
-        return (out, lse) if return_lse else out
+        return (out, lse) if return_lse else out, stats
 
 
 def split_sequence(x, world_size=None, rank=None, *, comm=None):

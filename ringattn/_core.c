@@ -7,6 +7,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <numpy/arrayobject.h>
+#include <string.h>
 
 #include "ringattn.h"
 
@@ -166,61 +167,6 @@ static PyObject *py_plan(PyObject *self, PyObject *args, PyObject *kw) {
   return out;
 }
 
-static PyObject *py_forward(PyObject *self, PyObject *args, PyObject *kw) {
-  (void)self;
-  static char *names[] = {"q", "k", "v", "out", "lse", "segment_lengths", "dilation_rates", "causal",
-                          "mode", "scale", "world_size", "num_threads", "check_finite", NULL};
-  PyObject *qo, *ko, *vo, *oo, *lo, *segs, *rates;
-  int causal, mode, world, threads, check;
-  double scale;
-  if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOOpidiip", names, &qo, &ko, &vo, &oo, &lo, &segs,
-                                   &rates, &causal, &mode, &scale, &world, &threads, &check))
-    return NULL;
-  if (!PyArray_Check(qo)) return PyErr_Format(PyExc_TypeError, "q must be a numpy.ndarray");
-  PyArrayObject *qa = (PyArrayObject *)qo;
-  ra_config cfg;
-  ra_config_init(&cfg);
-  if (PyArray_NDIM(qa) != 4 || dtype_code(qa, &cfg.dtype) != 0)
-    return PyErr_Format(PyExc_TypeError, "q must be a 4-d float32 or float16 array");
-  const npy_intp *shape = PyArray_DIMS(qa);
-  cfg.batch = shape[0];
-  cfg.seq_len = shape[1];
-  cfg.num_heads = shape[2];
-  cfg.head_dim = shape[3];
-  if (read_config(&cfg, segs, rates, causal, mode, scale, world)) return NULL;
-
-  ra_tensor q, k, v, o;
-  if (as_tensor(qo, "q", cfg.dtype, shape, 0, &q) || as_tensor(ko, "k", cfg.dtype, shape, 0, &k) ||
-      as_tensor(vo, "v", cfg.dtype, shape, 0, &v) || as_tensor(oo, "out", cfg.dtype, shape, 1, &o))
-    return NULL;
-  float *lse = NULL;
-  if (lo != Py_None) {
-    PyArrayObject *la = (PyArrayObject *)lo;
-    if (!PyArray_Check(lo) || PyArray_TYPE(la) != NPY_FLOAT32 || PyArray_NDIM(la) != 3 ||
-        !PyArray_IS_C_CONTIGUOUS(la) || !PyArray_ISWRITEABLE(la) || PyArray_DIMS(la)[0] != shape[0] ||
-        PyArray_DIMS(la)[1] != shape[2] || PyArray_DIMS(la)[2] != shape[1])
-      return PyErr_Format(PyExc_ValueError, "lse must be a writeable C-contiguous float32 array (b, h, n)");
-    lse = PyArray_DATA(la);
-  }
-
-  ra_plan *plan;
-  ra_status st = ra_plan_create(&cfg, &plan);
-  if (st != RA_OK) return raise_status(st);
-  ra_stats *stats = PyMem_Calloc((size_t)cfg.world_size, sizeof *stats);
-  if (!stats) {
-    ra_plan_destroy(plan);
-    return PyErr_NoMemory();
-  }
-  ra_exec exec = {threads, check};
-  Py_BEGIN_ALLOW_THREADS
-  st = ra_inproc_forward(plan, q, k, v, o, lse, &exec, stats);
-  Py_END_ALLOW_THREADS
-  ra_plan_destroy(plan);
-  PyObject *out = st == RA_OK ? stats_tuple(stats, cfg.world_size) : raise_status(st);
-  PyMem_Free(stats);
-  return out;
-}
-
 /* ------------------------------------------------------------ communicators */
 
 #define COMM_CAPSULE "ringattn.comm"
@@ -357,18 +303,38 @@ static PyObject *py_comm_allgather(PyObject *self, PyObject *args) {
   return result;
 }
 
-static PyObject *py_comm_forward(PyObject *self, PyObject *args, PyObject *kw) {
+/* The lse array of a call: float32 (b, h, n_local), C-contiguous. */
+static int as_lse(PyObject *obj, const npy_intp *shape, int writable, float **lse) {
+  *lse = NULL;
+  if (obj == Py_None) return 0;
+  PyArrayObject *a = (PyArrayObject *)obj;
+  if (!PyArray_Check(obj) || PyArray_TYPE(a) != NPY_FLOAT32 || PyArray_NDIM(a) != 3 || !PyArray_IS_C_CONTIGUOUS(a) ||
+      (writable && !PyArray_ISWRITEABLE(a)) || PyArray_DIMS(a)[0] != shape[0] || PyArray_DIMS(a)[1] != shape[2] ||
+      PyArray_DIMS(a)[2] != shape[1]) {
+    PyErr_Format(PyExc_ValueError, "lse must be a C-contiguous float32 array of shape (%zd, %zd, %zd)",
+                 (Py_ssize_t)shape[0], (Py_ssize_t)shape[2], (Py_ssize_t)shape[1]);
+    return -1;
+  }
+  *lse = PyArray_DATA(a);
+  return 0;
+}
+
+/* Forward or backward, over in-process ranks (comm None: full-length arrays)
+ * or one rank of a communicator (this rank's shards). */
+static PyObject *py_run(PyObject *self, PyObject *args, PyObject *kw) {
   (void)self;
-  static char *names[] = {"comm", "q", "k", "v", "out", "lse", "segment_lengths", "dilation_rates", "causal",
-                          "mode", "scale", "num_threads", "check_finite", NULL};
-  PyObject *capsule, *qo, *ko, *vo, *oo, *lo, *segs, *rates;
-  int causal, mode, threads, check;
+  static char *names[] = {"comm", "backward", "q", "k", "v", "out", "lse", "dout", "dq", "dk", "dv",
+                          "segment_lengths", "dilation_rates", "causal", "mode", "scale", "world_size",
+                          "num_threads", "check_finite", NULL};
+  PyObject *capsule, *qo, *ko, *vo, *oo, *lo, *go, *dqo, *dko, *dvo, *segs, *rates;
+  int backward, causal, mode, world, threads, check;
   double scale;
-  if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOOOpidip", names, &capsule, &qo, &ko, &vo, &oo, &lo, &segs,
-                                   &rates, &causal, &mode, &scale, &threads, &check))
+  if (!PyArg_ParseTupleAndKeywords(args, kw, "OpOOOOOOOOOOOpidiip", names, &capsule, &backward, &qo, &ko, &vo,
+                                   &oo, &lo, &go, &dqo, &dko, &dvo, &segs, &rates, &causal, &mode, &scale, &world,
+                                   &threads, &check))
     return NULL;
-  ra_comm *c = get_comm(capsule);
-  if (!c) return NULL;
+  ra_comm *comm = NULL;
+  if (capsule != Py_None && !(comm = get_comm(capsule))) return NULL;
   if (!PyArray_Check(qo)) return PyErr_Format(PyExc_TypeError, "q must be a numpy.ndarray");
   PyArrayObject *qa = (PyArrayObject *)qo;
   ra_config cfg;
@@ -376,32 +342,45 @@ static PyObject *py_comm_forward(PyObject *self, PyObject *args, PyObject *kw) {
   if (PyArray_NDIM(qa) != 4 || dtype_code(qa, &cfg.dtype) != 0)
     return PyErr_Format(PyExc_TypeError, "q must be a 4-d float32 or float16 array");
   const npy_intp *shape = PyArray_DIMS(qa);
+  const int ranks = comm ? ra_comm_size(comm) : world;
   cfg.batch = shape[0];
-  cfg.seq_len = shape[1] * ra_comm_size(c); /* q is this rank's shard */
+  cfg.seq_len = comm ? shape[1] * ranks : shape[1]; /* with comm, q is this rank's shard */
   cfg.num_heads = shape[2];
   cfg.head_dim = shape[3];
-  if (read_config(&cfg, segs, rates, causal, mode, scale, ra_comm_size(c))) return NULL;
-  ra_tensor q, k, v, o;
-  if (as_tensor(qo, "q", cfg.dtype, shape, 0, &q) || as_tensor(ko, "k", cfg.dtype, shape, 0, &k) ||
-      as_tensor(vo, "v", cfg.dtype, shape, 0, &v) || as_tensor(oo, "out", cfg.dtype, shape, 1, &o))
-    return NULL;
-  float *lse = NULL;
-  if (lo != Py_None) {
-    PyArrayObject *la = (PyArrayObject *)lo;
-    if (!PyArray_Check(lo) || PyArray_TYPE(la) != NPY_FLOAT32 || PyArray_NDIM(la) != 3 ||
-        !PyArray_IS_C_CONTIGUOUS(la) || PyArray_DIMS(la)[0] != shape[0] || PyArray_DIMS(la)[1] != shape[2] ||
-        PyArray_DIMS(la)[2] != shape[1])
-      return PyErr_Format(PyExc_ValueError, "lse must be a C-contiguous float32 array (b, h, n_local)");
-    lse = PyArray_DATA(la);
-  }
-  ra_stats stats;
+  if (read_config(&cfg, segs, rates, causal, mode, scale, ranks)) return NULL;
+
+  ra_tensor t[8]; /* q, k, v, o, dout, dq, dk, dv */
+  PyObject *objs[8] = {qo, ko, vo, oo, go, dqo, dko, dvo};
+  static const char *const tnames[8] = {"q", "k", "v", "out", "dout", "dq", "dk", "dv"};
+  memset(t, 0, sizeof t);
+  for (int i = 0; i < (backward ? 8 : 4); i++)
+    if (as_tensor(objs[i], tnames[i], cfg.dtype, shape, (i == 3 && !backward) || i >= 5, &t[i])) return NULL;
+  float *lse;
+  if (as_lse(lo, shape, !backward, &lse)) return NULL;
+  if (backward && !lse) return PyErr_Format(PyExc_ValueError, "lse: the backward needs the forward's lse");
+
+  ra_stats *stats = PyMem_Calloc((size_t)(comm ? 1 : ranks > 0 ? ranks : 1), sizeof *stats);
+  if (!stats) return PyErr_NoMemory();
   ra_exec exec = {threads, check};
-  ra_status st;
-  Py_BEGIN_ALLOW_THREADS
-  st = ra_comm_forward(&cfg, c, q, k, v, o, lse, shape[1], &exec, &stats);
-  Py_END_ALLOW_THREADS
-  if (st != RA_OK) return raise_status(st);
-  return stats_tuple(&stats, 1);
+  ra_status st = RA_OK;
+  ra_plan *plan = NULL;
+  if (!comm) st = ra_plan_create(&cfg, &plan);
+  if (st == RA_OK) {
+    Py_BEGIN_ALLOW_THREADS
+    if (comm && backward)
+      st = ra_comm_backward(&cfg, comm, t[0], t[1], t[2], t[3], t[4], lse, shape[1], t[5], t[6], t[7], &exec, stats);
+    else if (comm)
+      st = ra_comm_forward(&cfg, comm, t[0], t[1], t[2], t[3], lse, shape[1], &exec, stats);
+    else if (backward)
+      st = ra_inproc_backward(plan, t[0], t[1], t[2], t[3], t[4], lse, t[5], t[6], t[7], &exec, stats);
+    else
+      st = ra_inproc_forward(plan, t[0], t[1], t[2], t[3], lse, &exec, stats);
+    Py_END_ALLOW_THREADS
+  }
+  ra_plan_destroy(plan);
+  PyObject *out = st == RA_OK ? stats_tuple(stats, comm ? 1 : ranks) : raise_status(st);
+  PyMem_Free(stats);
+  return out;
 }
 
 static PyObject *py_have(PyObject *self, PyObject *unused) {
@@ -433,8 +412,8 @@ static PyObject *py_status_string(PyObject *self, PyObject *arg) {
 static PyMethodDef methods[] = {
     {"plan", (PyCFunction)(void (*)(void))py_plan, METH_VARARGS | METH_KEYWORDS,
      "Validate a configuration; return its schedule (local_len, scale, branches)."},
-    {"forward", (PyCFunction)(void (*)(void))py_forward, METH_VARARGS | METH_KEYWORDS,
-     "Run all ranks in process; write out (and lse); return per-rank stats."},
+    {"run", (PyCFunction)(void (*)(void))py_run, METH_VARARGS | METH_KEYWORDS,
+     "Forward or backward over in-process ranks or a communicator; returns per-rank stats."},
     {"comm_mpi", py_comm_mpi, METH_O, "MPI communicator (address of an MPI_Comm, or None for WORLD)."},
     {"comm_nccl", py_comm_nccl, METH_VARARGS, "NCCL communicator (unique_id, world_size, rank, device)."},
     {"comm_nccl_from_mpi", py_comm_nccl_from_mpi, METH_VARARGS, "NCCL communicator with its id shared over MPI."},
@@ -443,8 +422,6 @@ static PyMethodDef methods[] = {
     {"comm_close", py_comm_close, METH_O, "Destroy a communicator (collective)."},
     {"comm_fail", py_comm_fail, METH_VARARGS, "Tell the other ranks this rank's input was refused."},
     {"comm_allgather", py_comm_allgather, METH_VARARGS, "Allgather bytes into a writable buffer."},
-    {"comm_forward", (PyCFunction)(void (*)(void))py_comm_forward, METH_VARARGS | METH_KEYWORDS,
-     "One rank of a distributed ring on this rank's shards; returns its stats."},
     {"have", py_have, METH_NOARGS, "Which optional parts this build has."},
     {"default_num_threads", py_default_num_threads, METH_NOARGS, "Cores the CPU kernels use by default."},
     {"cuda_device_count", py_cuda_device_count, METH_NOARGS,

@@ -129,3 +129,24 @@ def out_array(out, q):
     if out.strides[3] != es or any(st < 0 or st % es for st in out.strides[:3]) or out.ctypes.data % es:
         raise ValueError("out must have a contiguous head dimension and non-negative strides")
     return out
+
+
+def like(x, q, name):
+    """A tensor that must match q's shape and dtype (o, dout in the backward)."""
+    x = array(x, name)
+    if x.dtype != q.dtype:
+        raise TypeError(f"{name} has dtype {x.dtype} but q has {q.dtype}; they must match")
+    if x.shape != q.shape:
+        raise ValueError(f"{name} has shape {x.shape} but q has {q.shape}; they must match")
+    return x
+
+
+def lse(x, shape):
+    """The forward's log-sum-exp: float32 (b, h, n), made C-contiguous."""
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"lse must be a NumPy array from return_lse=True, got {type(x).__name__}")
+    if x.dtype != np.float32:
+        raise TypeError(f"lse must have dtype float32, got {x.dtype}")
+    if x.shape != tuple(shape):
+        raise ValueError(f"lse must have shape {tuple(shape)} (batch, heads, seq), got {x.shape}")
+    return np.ascontiguousarray(x)

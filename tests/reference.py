@@ -224,3 +224,52 @@ def attended_pairs(n, h, segment_lengths, dilation_rates, causal=False, mode="gr
             per_seg = m * (m + 1) // 2 if causal else m * m
             total += per_seg * (n // S)
     return total
+
+
+def multiplicity(n, h, segment_lengths, dilation_rates, causal=False, mode="groups"):
+    """M[head, p, p']: in how many of the head's cells query p attends key p'.
+
+    The whole function is softmax attention weighted by M (a key in two
+    longnet branches counts twice), which makes the gradient easy to write.
+    """
+    branches = effective_segments(segment_lengths, dilation_rates, n)
+    M = np.zeros((h, n, n))
+    p = np.arange(n)
+    for hh, cells in enumerate(head_cells(h, branches, mode)):
+        for i, off in cells:
+            S, r = branches[i]
+            act = (p % S) % r == off
+            same = (p[:, None] // S) == (p[None, :] // S)
+            vis = act[:, None] & act[None, :] & same
+            if causal:
+                vis &= p[None, :] <= p[:, None]
+            M[hh] += vis
+    return M
+
+
+def reference_backward(q, k, v, dout, segment_lengths, dilation_rates, causal=False, mode="groups",
+                       scale=None):
+    """Analytic float64 gradients (dq, dk, dv) of reference_attention for dout.
+
+    P = M * exp(s - lse), o = P v; dv = P^T dO, dP = dO v^T,
+    dS = P (dP - rowsum(dO o)), dq = scale dS k, dk = scale dS^T q.
+    """
+    q, k, v, dout = (_as64(x) for x in (q, k, v, dout))
+    b, n, h, d = q.shape
+    scale = 1.0 / np.sqrt(d) if scale is None else float(scale)
+    M = multiplicity(n, h, segment_lengths, dilation_rates, causal, mode)
+    qt, kt, vt, gt = (np.swapaxes(x, 1, 2) for x in (q, k, v, dout))  # (b, h, n, d)
+    s = scale * np.matmul(qt, np.swapaxes(kt, -1, -2))
+    s = np.where(M[None] > 0, s, -np.inf)
+    mx = s.max(axis=-1, keepdims=True)
+    mx = np.where(np.isfinite(mx), mx, 0.0)
+    e = M[None] * np.exp(s - mx)
+    den = e.sum(axis=-1, keepdims=True)
+    P = np.divide(e, den, out=np.zeros_like(e), where=den > 0)
+    o = np.matmul(P, vt)
+    dv = np.matmul(np.swapaxes(P, -1, -2), gt)
+    dP = np.matmul(gt, np.swapaxes(vt, -1, -2))
+    dS = P * (dP - (gt * o).sum(axis=-1, keepdims=True))
+    dq = scale * np.matmul(dS, kt)
+    dk = scale * np.matmul(np.swapaxes(dS, -1, -2), qt)
+    return tuple(np.swapaxes(x, 1, 2) for x in (dq, dk, dv))

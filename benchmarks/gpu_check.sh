@@ -1,0 +1,155 @@
+#!/usr/bin/env bash
+# One command for a GPU machine (no network needed):
+#
+#   bash benchmarks/gpu_check.sh            # results under $OUT (default ./gpu_results)
+#
+#  1. build with plain meson + ninja, CUDA on (-Dcuda=enabled), into build-gpu/
+#     (meson-python is not needed: the package is staged from the build dir);
+#  2. meson test (the C tests, tests/c/test_cuda.c among them);
+#  3. stops here, with a clear message, when no CUDA device is visible;
+#  4. pytest tests/test_gpu.py tests/test_device_parsing.py against the staged build;
+#  5. benchmarks/bench_gpu.py: dense attention vs torch SDPA (flash), the seed's
+#     dilated configuration vs a PyTorch implementation, the one-GPU ring at k=1..8.
+#
+# Everything (logs, bench.json, table.txt, summary.txt) goes to $OUT; the
+# table is printed last.  Exit status: 0 when every step passed, 1 when the
+# build, a test step or the benchmark failed (what ran is still reported), 2
+# when no GPU is visible (0 with RINGATTN_ALLOW_NO_GPU=1).
+#
+# Knobs: PYTHON (default python3), RINGATTN_GPU_BUILDDIR (build-gpu),
+# RINGATTN_CUDA (enabled), BENCH_BUDGET (seconds, 150), SKIP_BUILD=1,
+# SKIP_BENCH=1, PYTEST_ARGS.
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
+REPO=$PWD
+OUT=${OUT:-$REPO/gpu_results}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+PY=${PYTHON:-python3}
+PY=$(command -v "$PY" || echo "$PY")
+BUILD=${RINGATTN_GPU_BUILDDIR:-$REPO/build-gpu}
+STAGE=$BUILD/stage
+T0=$(date +%s)
+: >"$OUT/summary.txt"
+status=0
+
+say() { echo "[gpu_check +$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/summary.txt"; }
+finish() {
+  say "exit status $1"
+  if [ -s "$OUT/table.txt" ]; then
+    echo
+    cat "$OUT/table.txt"
+  fi
+  exit "$1"
+}
+
+say "repo $REPO, python $PY ($("$PY" -c 'import sys; print(sys.version.split()[0])' 2>&1)), out $OUT"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 \
+  | sed 's/^/  gpu: /' | tee -a "$OUT/summary.txt"
+command -v nvcc >/dev/null && say "nvcc: $(nvcc --version | tail -1)"
+
+# ------------------------------------------------------------------ build
+if "$PY" -c "import mesonbuild" 2>/dev/null; then
+  MESON=("$PY" -m mesonbuild.mesonmain)
+elif command -v meson >/dev/null; then
+  MESON=(meson)
+else
+  say "FAIL: meson not found (neither '$PY -m mesonbuild' nor 'meson')"
+  finish 1
+fi
+if [ "${SKIP_BUILD:-0}" != 1 ]; then
+  # meson's python module builds the extensions for the Python meson runs
+  # under unless a native file names one: name $PY, whatever runs meson.
+  mkdir -p "$BUILD"
+  NATIVE="$BUILD/python-native.ini"
+  printf "[binaries]\npython = '%s'\n" "$PY" >"$NATIVE"
+  say "build: ${MESON[*]} setup $BUILD -Dcuda=${RINGATTN_CUDA:-enabled}"
+  {
+    if [ -f "$BUILD/build.ninja" ]; then
+      "${MESON[@]}" setup --reconfigure "$BUILD" -Dbuildtype=release \
+        -Dcuda="${RINGATTN_CUDA:-enabled}" -Dtests=true
+    else
+      "${MESON[@]}" setup "$BUILD" --native-file "$NATIVE" -Dbuildtype=release \
+        -Dcuda="${RINGATTN_CUDA:-enabled}" -Dtests=true
+    fi && "${MESON[@]}" compile -C "$BUILD"
+  } >"$OUT/build.log" 2>&1
+  rc=$?
+  if [ $rc -ne 0 ]; then
+    tail -40 "$OUT/build.log"
+    say "FAIL: build (exit $rc); see build.log"
+    finish 1
+  fi
+  say "build OK ($(grep -c 'Compiling\|Linking' "$OUT/build.log" 2>/dev/null || echo '?') steps)"
+fi
+
+# stage: the package's .py files and the built extensions, importable from $STAGE
+rm -rf "$STAGE"
+mkdir -p "$STAGE/ringattn"
+cp "$REPO"/ringattn/*.py "$STAGE/ringattn/"
+shopt -s nullglob
+exts=("$BUILD"/_core*.so "$BUILD"/_core*.pyd "$BUILD"/_cuda*.so "$BUILD"/_cuda*.pyd)
+shopt -u nullglob
+if [ ${#exts[@]} -lt 2 ]; then
+  say "FAIL: the build has no _core/_cuda extension modules in $BUILD"
+  finish 1
+fi
+cp "${exts[@]}" "$STAGE/ringattn/"
+export PYTHONPATH="$STAGE${PYTHONPATH:+:$PYTHONPATH}"
+where=$(cd "$OUT" && "$PY" -c "import ringattn, ringattn._cuda as c; print(ringattn.__file__, c.built_with_cuda(), ringattn.cuda_device_count())" 2>&1)
+say "import: $where"
+case "$where" in
+  "$STAGE"*) ;;
+  *) say "WARNING: ringattn is not imported from the stage ($STAGE); an installed copy may shadow it" ;;
+esac
+ngpu=$(cd "$OUT" && "$PY" -c "import ringattn; print(ringattn.cuda_device_count())" 2>/dev/null || echo 0)
+
+# ------------------------------------------------------------------ C tests
+say "meson test"
+(cd "$REPO" && timeout 240 "${MESON[@]}" test -C "$BUILD" --print-errorlogs) >"$OUT/meson_test.log" 2>&1
+rc=$?
+grep -E '^ *[0-9]+/[0-9]+ ' "$OUT/meson_test.log" | sed 's/^/  /' | tee -a "$OUT/summary.txt"
+if [ $rc -ne 0 ]; then
+  say "FAIL: meson test (exit $rc); see meson_test.log"
+  status=1
+else
+  say "meson test OK"
+fi
+
+# ------------------------------------------------------------------ GPU?
+if [ "${ngpu:-0}" = 0 ]; then
+  say "NO CUDA DEVICE visible (ringattn.cuda_device_count() == 0): stopping after the build and the C tests."
+  say "tests/test_gpu.py and the benchmarks need a GPU; tests/test_device_parsing.py runs anywhere."
+  if [ "${RINGATTN_ALLOW_NO_GPU:-0}" = 1 ] || [ $status -ne 0 ]; then finish $status; fi
+  finish 2
+fi
+
+# ------------------------------------------------------------------ pytest
+say "pytest tests/test_gpu.py tests/test_device_parsing.py"
+# shellcheck disable=SC2086  # PYTEST_ARGS is split into words on purpose
+(cd "$OUT" && timeout 300 "$PY" -m pytest -p no:cacheprovider -q -rs ${PYTEST_ARGS:-} \
+   "$REPO/tests/test_gpu.py" "$REPO/tests/test_device_parsing.py") >"$OUT/pytest.log" 2>&1
+rc=$?
+tail -1 "$OUT/pytest.log" | sed 's/^/  /' | tee -a "$OUT/summary.txt"
+if [ $rc -ne 0 ]; then
+  grep -E '^(FAILED|ERROR)' "$OUT/pytest.log" | head -30 | sed 's/^/  /' | tee -a "$OUT/summary.txt"
+  say "FAIL: pytest (exit $rc); see pytest.log"
+  status=1
+else
+  say "pytest OK"
+fi
+
+# ------------------------------------------------------------------ benchmarks
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
+  say "bench_gpu.py (budget ${BENCH_BUDGET:-150} s)"
+  (cd "$OUT" && timeout $(( ${BENCH_BUDGET:-150} + 120 )) "$PY" "$REPO/benchmarks/bench_gpu.py" \
+     --budget "${BENCH_BUDGET:-150}" --json "$OUT/bench.json" --table "$OUT/table.txt") >"$OUT/bench.log" 2>&1
+  rc=$?
+  if [ $rc -ne 0 ]; then
+    tail -30 "$OUT/bench.log"
+    say "FAIL: bench_gpu.py (exit $rc); see bench.log"
+    status=1
+  else
+    say "bench OK"
+  fi
+fi
+finish $status

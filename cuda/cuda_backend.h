@@ -1,0 +1,60 @@
+/*
+ * cuda_backend.h -- the ring driver's backend on one CUDA device (internal
+ * to the CUDA sources; C++ only).
+ *
+ * Everything a backend does is enqueued on its compute stream; sync()
+ * waits for that stream.  The driver's task lists live in host memory and
+ * are uploaded per call through a pinned staging buffer into a growable
+ * device buffer.
+ */
+#ifndef RINGATTN_CUDA_BACKEND_H
+#define RINGATTN_CUDA_BACKEND_H
+
+#include <cuda_runtime.h>
+
+extern "C" {
+#include "internal.h"
+}
+
+/* Record a failed CUDA call ("what: <CUDA error>") and return its status:
+ * RA_ERR_OUT_OF_MEMORY, RA_ERR_UNSUPPORTED (no usable device or kernel
+ * image) or RA_ERR_INTERNAL. */
+ra_status ra_cuda_fail(cudaError_t err, const char *what);
+
+#define RA_CUDA_TRY(call, what)                                \
+  do {                                                         \
+    cudaError_t ra_cuda_e_ = (call);                           \
+    if (ra_cuda_e_ != cudaSuccess) return ra_cuda_fail(ra_cuda_e_, what); \
+  } while (0)
+
+/* One rank's backend state on the current device. */
+struct ra_cuda_backend {
+  cudaStream_t stream;  /* compute: every kernel and copy of the backend    */
+  cudaEvent_t staged;   /* recorded after the last upload out of `staging`  */
+  void *staging;        /* pinned host copy of the current task list        */
+  size_t staging_cap;
+  void *list;           /* device copy of the current task list             */
+  size_t list_cap;
+  int allow_mma;        /* 0: always the SIMT attention kernel (testing)    */
+  ra_stats *stats;      /* the device task buffer is counted here           */
+};
+
+/* Open a backend on the current device.  Its compute stream first waits for
+ * `inputs_ready` (may be NULL), the event after which the caller's inputs
+ * are valid.  Setting RINGATTN_CUDA_KERNEL=simt in the environment makes
+ * every attention use the generic SIMT kernel. */
+ra_status ra_cuda_backend_open(ra_cuda_backend *cb, ra_stats *stats, cudaEvent_t inputs_ready,
+                               ra_backend *out);
+/* Wait for the backend's work and free what open and later calls allocated. */
+void ra_cuda_backend_close(ra_cuda_backend *cb);
+
+/* Launch the attention of batch `a` (its task list in host memory, the same
+ * list already on the device at dev_tasks) on `stream`: the tensor-core
+ * kernel when allow_mma and the batch qualifies, else the SIMT kernel. */
+ra_status ra_cuda_attend(const ra_attend_batch *a, const ra_attend_task *dev_tasks, int allow_mma,
+                         cudaStream_t stream);
+
+/* RA_OK when the CUDA backend can attend with this head dim and dtype. */
+ra_status ra_cuda_check_head_dim(int64_t head_dim);
+
+#endif /* RINGATTN_CUDA_BACKEND_H */
