@@ -30,25 +30,21 @@
 
 #include "cpu_backward.h"
 #include "half.h"
+#include "simd.h"
 
 #define KB RA_BWD_BLOCK_K /* keys of a dK/dV block     */
 #define QB RA_BWD_BLOCK_Q /* queries of a dQ block     */
 #define TILE 64           /* queries (dkdv) / keys (dq) of one streamed tile */
-#define VW 8              /* floats per vector          */
 /* Row strides of the transposed blocks and score tiles: padded by 16 floats
  * so that a column walk (stride 9 cache lines, not 8) spreads over all sets
  * of the L1 cache instead of thrashing eight of them. */
 #define KLD (KB + 16)
 #define QLD (QB + 16)
-#define LOG2E 1.44269504088896340736f
-#define LN2 0.693147180559945309417f
 
 #if KB % 16 || QB % 16
 #error "block sizes must be multiples of 16"
 #endif
 
-typedef float v8sf __attribute__((vector_size(32), aligned(32)));
-typedef int32_t v8si __attribute__((vector_size(32), aligned(32)));
 
 /* Both functions carve their buffers from the same scratch (a workspace
  * serves one call at a time); every buffer a call reads it writes first. */
@@ -123,49 +119,9 @@ ra_bwd_workspace *ra_bwd_workspace_init(void *mem, int64_t head_dim) {
 
 /* ---------------------------------------------------------- vector helpers */
 
-static inline v8sf vsplat(float x) { return (v8sf){x, x, x, x, x, x, x, x}; }
-static inline v8si vsplati(int32_t x) { return (v8si){x, x, x, x, x, x, x, x}; }
-
-static inline v8sf vselect(v8si mask, v8sf a, v8sf b) {
-  return (v8sf)(((v8si)a & mask) | ((v8si)b & ~mask));
-}
-
-/* 2^x elementwise: exactly 0 below 2^-125 (and for -inf), NaN stays NaN,
- * clamped at 2^127.  x = n + f with n an integer and |f| <= 1/2; 2^f by its
- * Taylor polynomial of degree 6 (relative error < 2e-7), 2^n by adding n to
- * the exponent field.  (As in cpu_kernel.c; x is slightly positive when a
- * score rounds above its row's lse.) */
-static inline v8sf vexp2(v8sf x) {
-  const v8sf lo = vsplat(-125.0f), hi = vsplat(127.0f), magic = vsplat(12582912.0f);
-  v8si tiny = x < lo;
-  x = vselect(tiny, lo, x);
-  x = vselect(x > hi, hi, x);
-  v8sf n = (x + magic) - magic; /* round to nearest integer */
-  v8sf f = x - n;
-  v8sf p = vsplat(1.5403530393381606e-4f);
-  p = p * f + 1.3333558146428443e-3f;
-  p = p * f + 9.6181291076284772e-3f;
-  p = p * f + 5.5504108664821580e-2f;
-  p = p * f + 2.4022650695910071e-1f;
-  p = p * f + 6.9314718055994531e-1f;
-  p = p * f + 1.0f;
-  v8si bits = (v8si)p + (__builtin_convertvector(n, v8si) << 23);
-  return vselect(tiny, vsplat(0.0f), (v8sf)bits);
-}
-
 static const v8si iota8 = {0, 1, 2, 3, 4, 5, 6, 7};
 
 /* ------------------------------------------------------------ micro-kernels */
-
-/* Keep a loaded vector in a register: without this GCC folds the load into
- * each of the four FMAs that use it (four loads instead of one) and the
- * loops become bound by the load ports instead of the FMA units (2.5x
- * slower on Zen 3). */
-#if defined(__GNUC__) && defined(__AVX__)
-#define IN_REG(x) __asm__("" : "+x"(x))
-#else
-#define IN_REG(x) ((void)0)
-#endif
 
 /* out[i][j] = sum_c a[i][c] bt[c][j] for i < rows (a multiple of 4), j < cols
  * (a multiple of 16), c < dp; a rows are dp floats apart, out and bt rows ld.
@@ -180,8 +136,8 @@ static void mm_nt(float *out, const float *a, const float *bt, int64_t ld, int64
       for (int64_t c = 0; c < dp; c++) {
         v8sf b0 = *(const v8sf *)(bt + c * ld + j);
         v8sf b1 = *(const v8sf *)(bt + c * ld + j + 8);
-        IN_REG(b0);
-        IN_REG(b1);
+        KEEP_IN_REGISTER(b0);
+        KEEP_IN_REGISTER(b1);
         const float x0 = a0[c], x1 = a0[dp + c], x2 = a0[2 * dp + c], x3 = a0[3 * dp + c];
         c00 += b0 * x0; c01 += b1 * x0;
         c10 += b0 * x1; c11 += b1 * x1;
@@ -214,8 +170,8 @@ static void mm_tn_acc(float *acc, const float *pt, int64_t ld, const float *x, i
       for (int64_t j = 0; j < inner; j++, p += ld) {
         v8sf x0 = *(const v8sf *)(x + j * dp + c);
         v8sf x1 = *(const v8sf *)(x + j * dp + c + 8);
-        IN_REG(x0);
-        IN_REG(x1);
+        KEEP_IN_REGISTER(x0);
+        KEEP_IN_REGISTER(x1);
         const float y0 = p[0], y1 = p[1], y2 = p[2], y3 = p[3];
         a00 += x0 * y0; a01 += x1 * y0;
         a10 += x0 * y1; a11 += x1 * y1;

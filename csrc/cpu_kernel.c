@@ -19,18 +19,14 @@
 
 #include "half.h"
 #include "internal.h"
+#include "simd.h"
 
 #define BQ RA_CPU_BLOCK_Q
 #define BK 64
 /* Row strides of the kt and s tiles: BK plus 16 floats, so that walking a
  * column does not keep hitting the same few L1 sets (64 floats = 256 bytes). */
 #define LD (BK + 16)
-#define VW 8 /* floats per vector */
-#define LOG2E 1.44269504088896340736f
-#define LN2 0.693147180559945309417f
 
-typedef float v8sf __attribute__((vector_size(32), aligned(32)));
-typedef int32_t v8si __attribute__((vector_size(32), aligned(32)));
 
 struct ra_workspace {
   int64_t dp;      /* head dim padded to a multiple of 16 */
@@ -72,12 +68,6 @@ ra_workspace *ra_workspace_init(void *mem, int64_t head_dim) {
 
 /* ---------------------------------------------------------- vector helpers */
 
-static inline v8sf vsplat(float x) { return (v8sf){x, x, x, x, x, x, x, x}; }
-
-static inline v8sf vselect(v8si mask, v8sf a, v8sf b) {
-  return (v8sf)(((v8si)a & mask) | ((v8si)b & ~mask));
-}
-
 /* Largest element; NaN if any element is NaN, so NaN inputs stay visible. */
 static inline float hmax(v8sf x) {
   float m = x[0];
@@ -89,37 +79,7 @@ static inline float hsum(v8sf x) {
   return ((x[0] + x[4]) + (x[1] + x[5])) + ((x[2] + x[6]) + (x[3] + x[7]));
 }
 
-/* 2^x for x <= 0, elementwise; exactly 0 below 2^-125 (and for -inf), NaN
- * stays NaN.  x = n + f with n an integer and |f| <= 1/2; 2^f by its Taylor
- * polynomial of degree 6 (relative error < 2e-7), 2^n by adding n to the
- * exponent field. */
-static inline v8sf vexp2(v8sf x) {
-  const v8sf lo = vsplat(-125.0f), magic = vsplat(12582912.0f); /* 1.5 * 2^23 */
-  v8si tiny = x < lo;
-  x = vselect(tiny, lo, x);
-  v8sf n = (x + magic) - magic; /* round to nearest integer */
-  v8sf f = x - n;
-  v8sf p = vsplat(1.5403530393381606e-4f);
-  p = p * f + 1.3333558146428443e-3f;
-  p = p * f + 9.6181291076284772e-3f;
-  p = p * f + 5.5504108664821580e-2f;
-  p = p * f + 2.4022650695910071e-1f;
-  p = p * f + 6.9314718055994531e-1f;
-  p = p * f + 1.0f;
-  v8si bits = (v8si)p + (__builtin_convertvector(n, v8si) << 23);
-  return vselect(tiny, vsplat(0.0f), (v8sf)bits);
-}
-
 /* ------------------------------------------------------------ micro-kernels */
-
-/* GCC folds a vector load into the memory operand of every FMA that uses
- * it, which makes the loop wait on loads; an empty asm that "modifies" the
- * register keeps one load per vector. */
-#if defined(__GNUC__) && defined(__AVX__)
-#define KEEP_IN_REGISTER(x) __asm__("" : "+x"(x))
-#else
-#define KEEP_IN_REGISTER(x) ((void)0)
-#endif
 
 /* s[0:rows][0:BK] = q[0:rows][0:dp] . kt, four rows by sixteen columns at a
  * time so that eight accumulators stay in registers. */

@@ -211,6 +211,29 @@ static ra_status pack_block(rank_ctx *r, int branch, void *buf, int64_t elems,
 
 /* ------------------------------------------------------------ the ring */
 
+/* The two ring buffers of a spanning branch, each as large as the largest
+ * block any rank of the sub-ring sends (keys and values, and dK/dV in the
+ * backward).  `scratch` is room for three tables of the branch's heads.
+ * Returns the bytes of one buffer, 0 when allocation failed. */
+static size_t alloc_ring_buffers(rank_ctx *r, int branch, int64_t group0, int backward,
+                                 int64_t *scratch, void *buf[2]) {
+  const ra_branch_info *bi = &r->plan->branch[branch];
+  const int64_t hb = bi->head_end - bi->head_begin;
+  int64_t cap = 0;
+  for (int64_t p = 0; p < bi->span; p++) {
+    int64_t e = packed_layout(r, branch, (group0 + p) * r->L, scratch, scratch + hb, scratch + 2 * hb);
+    if (e > cap) cap = e;
+  }
+  const size_t bytes = (size_t)block_bytes(r, cap, backward);
+  buf[0] = be_alloc(r, bytes);
+  buf[1] = be_alloc(r, bytes);
+  if (buf[0] && buf[1]) return bytes;
+  be_free(r, buf[0], bytes);
+  be_free(r, buf[1], bytes);
+  buf[0] = buf[1] = NULL;
+  return 0;
+}
+
 /* Does sub-ring position p receive a block at step s (1 <= s < m)?  With
  * causality only blocks from earlier positions are useful. */
 static int receives(int causal, int64_t p, int64_t s, int64_t m) {
@@ -249,16 +272,8 @@ static ra_status run_spanning_branch(rank_ctx *r, int branch, int64_t *tables) {
   ra_request sreq, rreq;
   void *buf[2] = {NULL, NULL};
 
-  /* capacity: the largest block any rank of the sub-ring can send */
-  int64_t cap = 0;
-  for (int64_t p = 0; p < m; p++) {
-    int64_t e = packed_layout(r, branch, (group0 + p) * r->L, nxt_at, nxt_n, nxt_p);
-    if (e > cap) cap = e;
-  }
-  const size_t cap_bytes = (size_t)(cap * es);
-  buf[0] = be_alloc(r, cap_bytes);
-  buf[1] = be_alloc(r, cap_bytes);
-  if (!buf[0] || !buf[1]) {
+  const size_t cap_bytes = alloc_ring_buffers(r, branch, group0, 0, nxt_at, buf);
+  if (!cap_bytes) {
     st = RA_ERR_OUT_OF_MEMORY;
     goto done;
   }
@@ -329,15 +344,8 @@ static ra_status run_spanning_backward(rank_ctx *r, int branch, int64_t *tables)
   ra_request sreq, rreq;
   void *buf[2] = {NULL, NULL};
 
-  int64_t cap = 0;
-  for (int64_t p = 0; p < m; p++) {
-    int64_t e = packed_layout(r, branch, (group0 + p) * r->L, nxt_at, nxt_n, nxt_p);
-    if (e > cap) cap = e;
-  }
-  const size_t cap_bytes = (size_t)block_bytes(r, cap, 1);
-  buf[0] = be_alloc(r, cap_bytes);
-  buf[1] = be_alloc(r, cap_bytes);
-  if (!buf[0] || !buf[1]) {
+  const size_t cap_bytes = alloc_ring_buffers(r, branch, group0, 1, nxt_at, buf);
+  if (!cap_bytes) {
     st = RA_ERR_OUT_OF_MEMORY;
     goto done;
   }

@@ -20,23 +20,7 @@
 #include "cpu_backward.h"
 #include "half.h"
 
-static int failures_in_test;
-
-#define CHECK(cond)                                                   \
-  do {                                                                \
-    if (!(cond)) {                                                    \
-      fprintf(stderr, "  %s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      failures_in_test++;                                             \
-    }                                                                 \
-  } while (0)
-
-static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
-static float uniform(void) { /* xorshift64*, in [-1, 1) */
-  rng_state ^= rng_state >> 12;
-  rng_state ^= rng_state << 25;
-  rng_state ^= rng_state >> 27;
-  return (float)((rng_state * 2685821657736338717ull) >> 40) / (float)(1 << 23) - 1.0f;
-}
+#include "harness.h"
 static float nonzero(float amp) {
   float x = amp * uniform();
   return x == 0.0f ? 0.5f * amp : x;
@@ -710,10 +694,7 @@ int main(int argc, char **argv) {
     return bench(n, d, causal);
   }
   verbose = argc > 1 && strcmp(argv[1], "-v") == 0;
-  struct {
-    const char *name;
-    void (*fn)(void);
-  } tests[] = {
+  static const test_case tests[] = {
       {"fp32_matches_naive", test_fp32},
       {"fp16_matches_naive", test_fp16},
       {"position_arithmetic", test_position_arithmetic},
@@ -725,14 +706,5 @@ int main(int argc, char **argv) {
       {"stale_workspace", test_stale_workspace},
       {"overflowing_then_normal", test_overflowing_then_normal},
   };
-  int passed = 0, failed = 0;
-  for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++) {
-    failures_in_test = 0;
-    tests[i].fn();
-    printf("%-36s %s\n", tests[i].name, failures_in_test ? "FAIL" : "ok");
-    if (failures_in_test) failed++;
-    else passed++;
-  }
-  printf("%d passed, %d failed\n", passed, failed);
-  return failed ? 1 : 0;
+  return run_tests(tests, sizeof tests / sizeof tests[0]);
 }

@@ -1,8 +1,5 @@
 /*
- * test_core.c -- unit tests of the C core, run by `meson test`.
- *
- * A minimal harness: each test is a function; CHECK records a failure with
- * its line and carries on.  The last line printed is "N passed, N failed".
+ * test_core.c -- unit tests of the C core, run by `meson test` (harness.h).
  */
 #include <math.h>
 #include <stdio.h>
@@ -12,23 +9,7 @@
 #include "naive.h"
 #include "ringattn.h"
 
-static int failures_in_test;
-
-#define CHECK(cond)                                                   \
-  do {                                                                \
-    if (!(cond)) {                                                    \
-      fprintf(stderr, "  %s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      failures_in_test++;                                             \
-    }                                                                 \
-  } while (0)
-
-static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
-static float uniform(void) { /* xorshift64*, in [-1, 1) */
-  rng_state ^= rng_state >> 12;
-  rng_state ^= rng_state << 25;
-  rng_state ^= rng_state >> 27;
-  return (float)((rng_state * 2685821657736338717ull) >> 40) / (float)(1 << 23) - 1.0f;
-}
+#include "harness.h"
 
 static float *random_tensor(int64_t count) {
   float *x = malloc(sizeof(float) * (size_t)count);
@@ -306,10 +287,7 @@ static void test_failed_rank_does_not_hang(void) {
 }
 
 int main(void) {
-  struct {
-    const char *name;
-    void (*fn)(void);
-  } tests[] = {
+  static const test_case tests[] = {
       {"status_strings", test_status_strings},
       {"plan_validation", test_plan_validation},
       {"merge", test_merge},
@@ -320,14 +298,5 @@ int main(void) {
       {"nonfinite_refused", test_nonfinite_refused},
       {"failed_rank_does_not_hang", test_failed_rank_does_not_hang},
   };
-  int passed = 0, failed = 0;
-  for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++) {
-    failures_in_test = 0;
-    tests[i].fn();
-    printf("%-36s %s\n", tests[i].name, failures_in_test ? "FAIL" : "ok");
-    if (failures_in_test) failed++;
-    else passed++;
-  }
-  printf("%d passed, %d failed\n", passed, failed);
-  return failed ? 1 : 0;
+  return run_tests(tests, sizeof tests / sizeof tests[0]);
 }

@@ -1,0 +1,57 @@
+/*
+ * simd.h -- the 8-wide float vectors of the CPU kernels (GCC/Clang vector
+ * extensions: AVX2 with -march=native, pairs of SSE registers otherwise)
+ * and the few operations the kernels need on them.
+ */
+#ifndef RINGATTN_SIMD_H
+#define RINGATTN_SIMD_H
+
+#include <stdint.h>
+
+#define VW 8 /* floats per vector */
+#define LOG2E 1.44269504088896340736f
+#define LN2 0.693147180559945309417f
+
+typedef float v8sf __attribute__((vector_size(32), aligned(32)));
+typedef int32_t v8si __attribute__((vector_size(32), aligned(32)));
+
+static inline v8sf vsplat(float x) { return (v8sf){x, x, x, x, x, x, x, x}; }
+static inline v8si vsplati(int32_t x) { return (v8si){x, x, x, x, x, x, x, x}; }
+
+/* mask ? a : b, elementwise (mask lanes are all ones or all zeros) */
+static inline v8sf vselect(v8si mask, v8sf a, v8sf b) {
+  return (v8sf)(((v8si)a & mask) | ((v8si)b & ~mask));
+}
+
+/* 2^x elementwise: exactly 0 below 2^-125 (and for -inf), NaN stays NaN,
+ * clamped at 2^127.  x = n + f with n an integer and |f| <= 1/2; 2^f by its
+ * Taylor polynomial of degree 6 (relative error < 2e-7), 2^n by adding n to
+ * the exponent field. */
+static inline v8sf vexp2(v8sf x) {
+  const v8sf lo = vsplat(-125.0f), hi = vsplat(127.0f), magic = vsplat(12582912.0f); /* 1.5 * 2^23 */
+  v8si tiny = x < lo;
+  x = vselect(tiny, lo, x);
+  x = vselect(x > hi, hi, x);
+  v8sf n = (x + magic) - magic; /* round to nearest integer */
+  v8sf f = x - n;
+  v8sf p = vsplat(1.5403530393381606e-4f);
+  p = p * f + 1.3333558146428443e-3f;
+  p = p * f + 9.6181291076284772e-3f;
+  p = p * f + 5.5504108664821580e-2f;
+  p = p * f + 2.4022650695910071e-1f;
+  p = p * f + 6.9314718055994531e-1f;
+  p = p * f + 1.0f;
+  v8si bits = (v8si)p + (__builtin_convertvector(n, v8si) << 23);
+  return vselect(tiny, vsplat(0.0f), (v8sf)bits);
+}
+
+/* GCC folds a vector load into the memory operand of every FMA that uses
+ * it, which makes the micro-kernels wait on loads; an empty asm that
+ * "modifies" the register keeps one load per vector. */
+#if defined(__GNUC__) && defined(__AVX__)
+#define KEEP_IN_REGISTER(x) __asm__("" : "+x"(x))
+#else
+#define KEEP_IN_REGISTER(x) ((void)0)
+#endif
+
+#endif /* RINGATTN_SIMD_H */
