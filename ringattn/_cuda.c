@@ -412,66 +412,53 @@ static PyObject *py_free(PyObject *self, PyObject *args) {
 #endif
 }
 
-/* memcpy_htod(dst_ptr, src_buffer[, device]): copy a C-contiguous host buffer
- * to device memory (synchronous). */
+/* The copy of both memcpy entries, synchronous: `buf` is the host side
+ * (released here), `ptr_obj` the device address. */
+static PyObject *copy_host_device(Py_buffer *buf, PyObject *ptr_obj, int device, int to_device) {
+  uintptr_t p;
+  if (as_address(ptr_obj, to_device ? "dst" : "src", &p)) {
+    PyBuffer_Release(buf);
+    return NULL;
+  }
+#ifdef RA_WITH_CUDA
+  device_guard g;
+  cudaError_t err;
+  Py_BEGIN_ALLOW_THREADS
+  err = guard_enter(&g, device);
+  if (err == cudaSuccess && buf->len)
+    err = to_device ? cudaMemcpy((void *)p, buf->buf, (size_t)buf->len, cudaMemcpyHostToDevice)
+                    : cudaMemcpy(buf->buf, (const void *)p, (size_t)buf->len, cudaMemcpyDeviceToHost);
+  guard_exit(&g);
+  Py_END_ALLOW_THREADS
+  PyBuffer_Release(buf);
+  if (err != cudaSuccess)
+    return raise_cuda(err, to_device ? "cudaMemcpy (host to device)" : "cudaMemcpy (device to host)");
+  Py_RETURN_NONE;
+#else
+  (void)device;
+  PyBuffer_Release(buf);
+  return no_cuda();
+#endif
+}
+
+/* memcpy_htod(dst_ptr, src_buffer[, device]): a C-contiguous host buffer to device memory. */
 static PyObject *py_memcpy_htod(PyObject *self, PyObject *args) {
   (void)self;
   PyObject *ptr_obj;
   Py_buffer buf;
   int device = -1;
   if (!PyArg_ParseTuple(args, "Oy*|i", &ptr_obj, &buf, &device)) return NULL;
-  uintptr_t p;
-  if (as_address(ptr_obj, "dst", &p)) {
-    PyBuffer_Release(&buf);
-    return NULL;
-  }
-#ifdef RA_WITH_CUDA
-  device_guard g;
-  cudaError_t err;
-  Py_BEGIN_ALLOW_THREADS
-  err = guard_enter(&g, device);
-  if (err == cudaSuccess && buf.len) err = cudaMemcpy((void *)p, buf.buf, (size_t)buf.len, cudaMemcpyHostToDevice);
-  guard_exit(&g);
-  Py_END_ALLOW_THREADS
-  PyBuffer_Release(&buf);
-  if (err != cudaSuccess) return raise_cuda(err, "cudaMemcpy (host to device)");
-  Py_RETURN_NONE;
-#else
-  (void)device;
-  PyBuffer_Release(&buf);
-  return no_cuda();
-#endif
+  return copy_host_device(&buf, ptr_obj, device, 1);
 }
 
-/* memcpy_dtoh(dst_buffer, src_ptr[, device]): fill a writable C-contiguous host
- * buffer from device memory (synchronous). */
+/* memcpy_dtoh(dst_buffer, src_ptr[, device]): fill a writable C-contiguous host buffer. */
 static PyObject *py_memcpy_dtoh(PyObject *self, PyObject *args) {
   (void)self;
   PyObject *ptr_obj;
   Py_buffer buf;
   int device = -1;
   if (!PyArg_ParseTuple(args, "w*O|i", &buf, &ptr_obj, &device)) return NULL;
-  uintptr_t p;
-  if (as_address(ptr_obj, "src", &p)) {
-    PyBuffer_Release(&buf);
-    return NULL;
-  }
-#ifdef RA_WITH_CUDA
-  device_guard g;
-  cudaError_t err;
-  Py_BEGIN_ALLOW_THREADS
-  err = guard_enter(&g, device);
-  if (err == cudaSuccess && buf.len) err = cudaMemcpy(buf.buf, (const void *)p, (size_t)buf.len, cudaMemcpyDeviceToHost);
-  guard_exit(&g);
-  Py_END_ALLOW_THREADS
-  PyBuffer_Release(&buf);
-  if (err != cudaSuccess) return raise_cuda(err, "cudaMemcpy (device to host)");
-  Py_RETURN_NONE;
-#else
-  (void)device;
-  PyBuffer_Release(&buf);
-  return no_cuda();
-#endif
+  return copy_host_device(&buf, ptr_obj, device, 0);
 }
 
 /* synchronize(stream[, device]): wait on the host until `stream` is idle. */
