@@ -46,3 +46,9 @@ def test_mpi_demo_runs():
     rows = [line.split() for line in r.stdout.splitlines() if line.strip().startswith("4096")]
     assert len(rows) == 1 and rows[0][1] == "2", r.stdout  # one table row, printed by rank 0 only
     assert float(rows[0][-1]) < 1e-5, r.stdout  # max |diff| from the single-process output
+
+
+def test_mpi4py_subcommunicators():
+    pytest.importorskip("mpi4py")
+    r = mpirun(4, os.path.join(HERE, "mpi4py_checks.py"))
+    assert r.returncode == 0 and "MPI4PY CHECKS PASSED" in r.stdout, r.stdout + r.stderr
