@@ -39,13 +39,22 @@ def _run(q, k, v, segs, rates, causal, mode, scale, world_size, nan_policy, num_
 def _backward(q, k, v, o, lse, dout, segs, rates, causal, mode, scale, world_size, nan_policy,
               num_threads, comm=None):
     """(dq, dk, dv) and per-rank stats; with comm, everything is this rank's shard."""
-    q, k, v = check.qkv(q, k, v)
-    o = check.like(o, q, "o")
-    dout = check.like(dout, q, "dout")
-    b, n, h, _ = q.shape
-    lse = check.lse(lse, (b, h, n))
+    try:  # with comm, a rank that refuses its input still joins the agreement
+        for name, x in (("q", q), ("k", k), ("v", v), ("o", o), ("dout", dout)):
+            if not isinstance(x, np.ndarray) and (hasattr(x, "__cuda_array_interface__") or hasattr(x, "__dlpack__")):
+                raise TypeError(f"{name}: the backward takes NumPy arrays only; "
+                                "there are no GPU backward kernels in this version")
+        q, k, v = check.qkv(q, k, v)
+        o = check.like(o, q, "o")
+        dout = check.like(dout, q, "dout")
+        b, n, h, _ = q.shape
+        lse = check.lse(lse, (b, h, n))
+        threads = check.num_threads(num_threads) or _threads["n"]
+    except (TypeError, ValueError) as e:
+        if comm is not None:
+            comm.refuse(e)
+        raise
     grads = [np.empty_like(q, order="C") for _ in range(3)]
-    threads = check.num_threads(num_threads) or _threads["n"]
     stats = _core.run(comm=None if comm is None else comm.handle(), backward=True, q=q, k=k, v=v, out=o,
                       lse=lse, dout=dout, dq=grads[0], dk=grads[1], dv=grads[2], segment_lengths=segs,
                       dilation_rates=rates, causal=bool(causal), mode=mode, scale=scale,
@@ -167,7 +176,6 @@ class RingDilatedAttention:
                                  self.num_threads, self.comm)
         self.last_stats = {key: [s[key] for s in stats] for key in stats[0]}
         return grads
-
 
     def _call_comm(self, q, k, v, return_lse, out):
         comm = self.comm

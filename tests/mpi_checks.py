@@ -103,6 +103,11 @@ def main():
         # one rank's input fails Python-side validation (float64)
         q = shard.astype(np.float64) if RANK == 0 else shard
         expect_error_everywhere("dtype", (TypeError, ValueError), lambda: attn(q, shard, shard), "float")
+        # a backward whose dout is refused on one rank raises everywhere
+        attn = ringattn.RingDilatedAttention([64 * K], [1], comm=comm)
+        attn(shard, shard, shard, requires_grad=True)
+        dout = shard[:, :32] if RANK == 0 else shard
+        expect_error_everywhere("backward dout", ValueError, lambda: attn.backward(dout), "dout")
         # the communicator still works afterwards
         check_case("after errors", 1, 64 * K, 2, 16, [64 * K], [1])
 
