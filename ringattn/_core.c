@@ -10,44 +10,14 @@
 #include <string.h>
 
 #include "ringattn.h"
+#include "_glue.h"
 
 static PyObject *RingAttnError; /* ringattn.RingAttnError */
 
-/* Raise the Python exception matching a core status. */
-static PyObject *raise_status(ra_status st) {
-  PyObject *type = RingAttnError;
-  switch (st) {
-    case RA_ERR_INVALID_ARGUMENT:
-    case RA_ERR_NONFINITE: type = PyExc_ValueError; break;
-    case RA_ERR_UNSUPPORTED: type = PyExc_TypeError; break;
-    case RA_ERR_OUT_OF_MEMORY: type = PyExc_MemoryError; break;
-    default: break;
-  }
-  PyErr_Format(type, "%s", ra_last_error());
-  return NULL;
-}
+static PyObject *raise_status(ra_status st) { return glue_raise_status(st, RingAttnError); }
 
-/* Read a sequence of ints into dst (at most RA_MAX_BRANCHES). */
 static int read_ints(PyObject *seq, const char *name, int64_t *dst, int *count) {
-  PyObject *fast = PySequence_Fast(seq, name);
-  if (!fast) return -1;
-  Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
-  if (n > RA_MAX_BRANCHES) {
-    Py_DECREF(fast);
-    PyErr_Format(PyExc_ValueError, "%s: at most %d branches are supported, got %zd", name, RA_MAX_BRANCHES, n);
-    return -1;
-  }
-  for (Py_ssize_t i = 0; i < n; i++) {
-    long long v = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(fast, i));
-    if (v == -1 && PyErr_Occurred()) {
-      Py_DECREF(fast);
-      return -1;
-    }
-    dst[i] = v;
-  }
-  Py_DECREF(fast);
-  *count = (int)n;
-  return 0;
+  return glue_read_i64s(seq, name, dst, -1, count);
 }
 
 static int dtype_code(PyArrayObject *a, ra_dtype *out) {
@@ -94,22 +64,6 @@ static int as_tensor(PyObject *obj, const char *name, ra_dtype dtype, const npy_
   return 0;
 }
 
-static PyObject *stats_tuple(const ra_stats *s, int n) {
-  PyObject *out = PyTuple_New(n);
-  if (!out) return NULL;
-  for (int i = 0; i < n; i++) {
-    PyObject *item = Py_BuildValue("{sLsLsLsLsL}", "peak_bytes", (long long)s[i].peak_bytes,
-                                   "bytes_sent", (long long)s[i].bytes_sent, "bytes_received",
-                                   (long long)s[i].bytes_received, "steps", (long long)s[i].steps,
-                                   "steps_skipped", (long long)s[i].steps_skipped);
-    if (!item) {
-      Py_DECREF(out);
-      return NULL;
-    }
-    PyTuple_SET_ITEM(out, i, item);
-  }
-  return out;
-}
 
 /* Fill a config from the keyword form shared by plan() and forward(). */
 static int read_config(ra_config *cfg, PyObject *segs, PyObject *rates, int causal, int mode,
@@ -378,7 +332,7 @@ static PyObject *py_run(PyObject *self, PyObject *args, PyObject *kw) {
     Py_END_ALLOW_THREADS
   }
   ra_plan_destroy(plan);
-  PyObject *out = st == RA_OK ? stats_tuple(stats, comm ? 1 : ranks) : raise_status(st);
+  PyObject *out = st == RA_OK ? glue_stats_tuple(stats, comm ? 1 : ranks) : raise_status(st);
   PyMem_Free(stats);
   return out;
 }

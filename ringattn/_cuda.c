@@ -18,6 +18,7 @@
 #include <string.h>
 
 #include "ringattn.h"
+#include "_glue.h"
 
 #ifdef RA_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -73,19 +74,7 @@ typedef struct DLManagedTensorVersioned {
 
 /* ---------------------------------------------------------------- errors */
 
-static PyObject *raise_status(ra_status st) {
-  PyObject *type = RingAttnError;
-  switch (st) {
-    case RA_ERR_INVALID_ARGUMENT:
-    case RA_ERR_NONFINITE: type = PyExc_ValueError; break;
-    case RA_ERR_UNSUPPORTED: type = PyExc_TypeError; break;
-    case RA_ERR_OUT_OF_MEMORY: type = PyExc_MemoryError; break;
-    default: break;
-  }
-  const char *msg = ra_last_error();
-  PyErr_Format(type, "%s", (msg && *msg) ? msg : ra_status_string(st));
-  return NULL;
-}
+static PyObject *raise_status(ra_status st) { return glue_raise_status(st, RingAttnError); }
 
 #ifdef RA_WITH_CUDA
 static PyObject *raise_cuda(cudaError_t err, const char *what) {
@@ -156,51 +145,6 @@ static int as_stream(PyObject *obj, void **out) {
   return 0;
 }
 
-/* Read exactly `count` int64 values (count < 0: up to 16, *got set). */
-static int read_i64s(PyObject *seq, const char *name, int64_t *dst, int count, int *got) {
-  PyObject *fast = PySequence_Fast(seq, name);
-  if (!fast) return -1;
-  Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
-  int max = count < 0 ? RA_MAX_BRANCHES : count;
-  if ((count >= 0 && n != count) || n > max) {
-    Py_DECREF(fast);
-    if (count >= 0)
-      PyErr_Format(PyExc_ValueError, "%s must have %d values, got %zd", name, count, n);
-    else
-      PyErr_Format(PyExc_ValueError, "%s: at most %d branches are supported, got %zd", name,
-                   RA_MAX_BRANCHES, n);
-    return -1;
-  }
-  for (Py_ssize_t i = 0; i < n; i++) {
-    long long v = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(fast, i));
-    if (v == -1 && PyErr_Occurred()) {
-      Py_DECREF(fast);
-      return -1;
-    }
-    dst[i] = v;
-  }
-  Py_DECREF(fast);
-  if (got) *got = (int)n;
-  return 0;
-}
-
-static PyObject *stats_tuple(const ra_stats *s, int n) {
-  PyObject *out = PyTuple_New(n);
-  if (!out) return NULL;
-  for (int i = 0; i < n; i++) {
-    PyObject *item = Py_BuildValue(
-        "{sLsLsLsLsLsL}", "peak_bytes", (long long)s[i].peak_bytes, "current_bytes",
-        (long long)s[i].current_bytes, "bytes_sent", (long long)s[i].bytes_sent, "bytes_received",
-        (long long)s[i].bytes_received, "steps", (long long)s[i].steps, "steps_skipped",
-        (long long)s[i].steps_skipped);
-    if (!item) {
-      Py_DECREF(out);
-      return NULL;
-    }
-    PyTuple_SET_ITEM(out, i, item);
-  }
-  return out;
-}
 
 /* ---------------------------------------------------------------- forward */
 
@@ -238,7 +182,7 @@ static PyObject *py_forward(PyObject *self, PyObject *args, PyObject *kw) {
   ra_config cfg;
   ra_config_init(&cfg);
   int64_t shape[4];
-  if (read_i64s(shape_obj, "shape", shape, 4, NULL)) return NULL;
+  if (glue_read_i64s(shape_obj, "shape", shape, 4, NULL)) return NULL;
   for (int i = 0; i < 4; i++)
     if (shape[i] < 1) return PyErr_Format(PyExc_ValueError, "shape must hold 4 positive sizes");
   cfg.batch = shape[0];
@@ -251,8 +195,8 @@ static PyObject *py_forward(PyObject *self, PyObject *args, PyObject *kw) {
   cfg.scale = scale;
   cfg.world_size = world;
   int ns = 0, nr = 0;
-  if (read_i64s(segs, "segment_lengths", cfg.segment_lengths, -1, &ns) ||
-      read_i64s(rates, "dilation_rates", cfg.dilation_rates, -1, &nr))
+  if (glue_read_i64s(segs, "segment_lengths", cfg.segment_lengths, -1, &ns) ||
+      glue_read_i64s(rates, "dilation_rates", cfg.dilation_rates, -1, &nr))
     return NULL;
   if (ns != nr)
     return PyErr_Format(PyExc_ValueError, "dilation_rates: %d values for %d segment_lengths", nr, ns);
@@ -281,7 +225,7 @@ static PyObject *py_forward(PyObject *self, PyObject *args, PyObject *kw) {
       Py_DECREF(fast);
       return PyErr_Format(PyExc_ValueError, "%s: strides must hold 3 or 4 values, got %zd", tensor_names[i], len);
     }
-    if (read_i64s(one, tensor_names[i], st, (int)len, &got)) {
+    if (glue_read_i64s(one, tensor_names[i], st, (int)len, &got)) {
       Py_DECREF(fast);
       return NULL;
     }
@@ -330,7 +274,7 @@ static PyObject *py_forward(PyObject *self, PyObject *args, PyObject *kw) {
     out = raise_cuda(cerr, st == RA_OK ? "synchronizing the stream after ra_cuda_forward" : "selecting the device");
   else
 #endif
-    out = st == RA_OK ? stats_tuple(stats, cfg.world_size) : raise_status(st);
+    out = st == RA_OK ? glue_stats_tuple(stats, cfg.world_size) : raise_status(st);
   PyMem_Free(stats);
   return out;
 }
@@ -585,9 +529,9 @@ static PyObject *py_to_dlpack(PyObject *self, PyObject *args, PyObject *kw) {
   Py_DECREF(shape_fast);
   if (ndim > 32) return PyErr_Format(PyExc_ValueError, "at most 32 dimensions");
   int64_t shape[32], strides[32];
-  if (read_i64s(shape_obj, "shape", shape, (int)ndim, NULL)) return NULL;
+  if (glue_read_i64s(shape_obj, "shape", shape, (int)ndim, NULL)) return NULL;
   int have_strides = strides_obj != Py_None;
-  if (have_strides && read_i64s(strides_obj, "strides", strides, (int)ndim, NULL)) return NULL;
+  if (have_strides && glue_read_i64s(strides_obj, "strides", strides, (int)ndim, NULL)) return NULL;
   if (!have_strides) { /* always export explicit strides: some consumers want them */
     int64_t s = 1;
     for (Py_ssize_t i = ndim - 1; i >= 0; i--) {
