@@ -260,68 +260,114 @@ static ra_status exchange_start(rank_ctx *r, int tag, int64_t pos, int64_t m, in
   return RA_OK;
 }
 
-static ra_status run_spanning_branch(rank_ctx *r, int branch, int64_t *tables) {
-  const ra_branch_info *bi = &r->plan->branch[branch];
-  const int64_t m = bi->span, rank = r->tr->rank, pos = rank % m, group0 = rank - pos;
-  const int64_t hb = bi->head_end - bi->head_begin;
-  const int64_t es = (int64_t)ra_dtype_size(r->cfg->dtype);
-  int64_t *cur_at = tables, *cur_n = tables + hb, *cur_p = tables + 2 * hb;
-  int64_t *nxt_at = tables + 3 * hb, *nxt_n = tables + 4 * hb, *nxt_p = tables + 5 * hb;
-  ra_status st = RA_OK;
-  int cur = 0, sending = 0, receiving = 0;
+/* One spanning branch's sub-ring as this rank sees it: its position, the
+ * two block buffers with the layout of the block each holds, and the
+ * transfers in flight.  Shared by the forward and the backward. */
+typedef struct ring_walk {
+  int branch, backward;
+  int64_t m, pos, group0;
+  void *buf[2];
+  size_t cap_bytes;
+  int64_t elems[2];                    /* elements of the block in buf[i] */
+  int64_t *at[2], *count[2], *pos0[2]; /* its per-head layout            */
+  int cur, sending, receiving;
   ra_request sreq, rreq;
-  void *buf[2] = {NULL, NULL};
+} ring_walk;
 
-  const size_t cap_bytes = alloc_ring_buffers(r, branch, group0, 0, nxt_at, buf);
-  if (!cap_bytes) {
-    st = RA_ERR_OUT_OF_MEMORY;
-    goto done;
+/* Place this rank in the sub-ring, allocate the buffers and pack its own
+ * block into buf[0] (with zeroed dK/dV accumulators in the backward). */
+static ra_status walk_open(rank_ctx *r, int branch, int backward, int64_t *tables, ring_walk *w) {
+  const ra_branch_info *bi = &r->plan->branch[branch];
+  const int64_t hb = bi->head_end - bi->head_begin;
+  memset(w, 0, sizeof *w);
+  w->branch = branch;
+  w->backward = backward;
+  w->m = bi->span;
+  w->pos = r->tr->rank % w->m;
+  w->group0 = r->tr->rank - w->pos;
+  for (int i = 0; i < 2; i++) {
+    w->at[i] = tables + 3 * i * hb;
+    w->count[i] = w->at[i] + hb;
+    w->pos0[i] = w->at[i] + 2 * hb;
   }
-  int64_t cur_elems = packed_layout(r, branch, r->start, cur_at, cur_n, cur_p);
-  if ((st = pack_block(r, branch, buf[0], cur_elems, cur_at, cur_n, cur_p)) != RA_OK) goto done;
+  w->cap_bytes = alloc_ring_buffers(r, branch, w->group0, backward, w->at[1], w->buf);
+  if (!w->cap_bytes) return RA_ERR_OUT_OF_MEMORY;
+  w->elems[0] = packed_layout(r, branch, r->start, w->at[0], w->count[0], w->pos0[0]);
+  if (backward) {
+    kv_source own = packed_source(r, w->buf[0], w->elems[0], w->at[0], w->count[0], w->pos0[0]);
+    RA_TRY(r->be->ops->init_state(r->be->ctx, own.dk, w->elems[0], NULL, 0));
+  }
+  return pack_block(r, branch, w->buf[0], w->elems[0], w->at[0], w->count[0], w->pos0[0]);
+}
 
-  for (int64_t s = 0; s < m; s++) {
-    int64_t nxt_elems = 0;
-    if (s + 1 < m) {
-      const int64_t from = (pos - (s + 1) + 2 * m) % m; /* origin of the next block */
-      nxt_elems = packed_layout(r, branch, (group0 + from) * r->L, nxt_at, nxt_n, nxt_p);
-      st = exchange_start(r, branch, pos, m, s + 1, group0, buf[cur], cur_elems * es, buf[1 - cur],
-                          nxt_elems * es, &sreq, &rreq, &sending, &receiving);
-      if (st != RA_OK) goto done;
-    }
-    if (!r->cfg->causal || s <= pos) {
-      const kv_source src = packed_source(r, buf[cur], cur_elems, cur_at, cur_n, cur_p);
-      if ((st = attend_block(r, branch, r->L, 1, &src, 0)) != RA_OK) goto done;
-      r->stats->steps++;
-    } else {
-      r->stats->steps_skipped++;
-    }
-    /* Receive before send: a send may complete only when its receiver
-     * waits.  An asynchronous backend is still computing on buf[cur] while
-     * the transport moves data (reading buf[cur], writing buf[1-cur]); the
-     * sync afterwards makes sure it is done before the next step's receive
-     * overwrites buf[cur]. */
-    if (receiving && (receiving = 0, st = r->tr->ops->wait(r->tr->ctx, &rreq)) != RA_OK) goto done;
-    if (sending && (sending = 0, st = r->tr->ops->wait(r->tr->ctx, &sreq)) != RA_OK) goto done;
-    if ((st = r->be->ops->sync(r->be->ctx)) != RA_OK) goto done;
-    if (s + 1 < m) {
-      int64_t *t;
-      t = cur_at; cur_at = nxt_at; nxt_at = t;
-      t = cur_n; cur_n = nxt_n; nxt_n = t;
-      t = cur_p; cur_p = nxt_p; nxt_p = t;
-      cur_elems = nxt_elems;
-      cur = 1 - cur;
-    }
+/* Lay out the other buffer for the block this rank receives at step s+1. */
+static void walk_layout_next(rank_ctx *r, ring_walk *w, int64_t s) {
+  const int n = 1 - w->cur;
+  const int64_t from = (w->pos - (s + 1) + 2 * w->m) % w->m; /* origin of the next block */
+  w->elems[n] = packed_layout(r, w->branch, (w->group0 + from) * r->L, w->at[n], w->count[n], w->pos0[n]);
+}
+
+static kv_source walk_source(const rank_ctx *r, const ring_walk *w, int i) {
+  return packed_source(r, w->buf[i], w->elems[i], w->at[i], w->count[i], w->pos0[i]);
+}
+
+static int64_t walk_bytes(const rank_ctx *r, const ring_walk *w, int i) {
+  return block_bytes(r, w->elems[i], w->backward);
+}
+
+/* Attend this rank's queries to the current block, unless causality hides it. */
+static ra_status walk_attend(rank_ctx *r, ring_walk *w, int64_t s) {
+  if (r->cfg->causal && s > w->pos) {
+    r->stats->steps_skipped++;
+    return RA_OK;
   }
-done:
-  if (sending || receiving) { /* failed with operations in flight: finish them first */
+  const kv_source src = walk_source(r, w, w->cur);
+  r->stats->steps++;
+  return attend_block(r, w->branch, r->L, 1, &src, w->backward);
+}
+
+/* Wait for the step's transfers: receive before send, since a send may
+ * complete only when its receiver waits. */
+static ra_status walk_wait(rank_ctx *r, ring_walk *w) {
+  ra_status st = RA_OK;
+  if (w->receiving && (w->receiving = 0, st = r->tr->ops->wait(r->tr->ctx, &w->rreq)) != RA_OK) return st;
+  if (w->sending && (w->sending = 0, st = r->tr->ops->wait(r->tr->ctx, &w->sreq)) != RA_OK) return st;
+  return RA_OK;
+}
+
+/* Finish a walk: after a failure with transfers in flight, tell the peers
+ * and let the transport finish them before the buffers go. */
+static ra_status walk_close(rank_ctx *r, ring_walk *w, ra_status st) {
+  if (w->sending || w->receiving) {
     if (r->tr->ops->abort) r->tr->ops->abort(r->tr->ctx);
-    if (receiving) r->tr->ops->wait(r->tr->ctx, &rreq);
-    if (sending) r->tr->ops->wait(r->tr->ctx, &sreq);
+    if (w->receiving) r->tr->ops->wait(r->tr->ctx, &w->rreq);
+    if (w->sending) r->tr->ops->wait(r->tr->ctx, &w->sreq);
   }
-  be_free(r, buf[0], cap_bytes);
-  be_free(r, buf[1], cap_bytes);
+  be_free(r, w->buf[0], w->cap_bytes);
+  be_free(r, w->buf[1], w->cap_bytes);
   return st;
+}
+
+static ra_status run_spanning_branch(rank_ctx *r, int branch, int64_t *tables) {
+  ring_walk w;
+  ra_status st = walk_open(r, branch, 0, tables, &w);
+  for (int64_t s = 0; s < w.m && st == RA_OK; s++) {
+    if (s + 1 < w.m) {
+      walk_layout_next(r, &w, s);
+      st = exchange_start(r, branch, w.pos, w.m, s + 1, w.group0, w.buf[w.cur], walk_bytes(r, &w, w.cur),
+                          w.buf[1 - w.cur], walk_bytes(r, &w, 1 - w.cur), &w.sreq, &w.rreq, &w.sending,
+                          &w.receiving);
+    }
+    /* An asynchronous backend is still computing on buf[cur] while the
+     * transport moves data (reading buf[cur], writing buf[1-cur]); the sync
+     * makes sure it is done before the next step's receive overwrites
+     * buf[cur]. */
+    if (st == RA_OK) st = walk_attend(r, &w, s);
+    if (st == RA_OK) st = walk_wait(r, &w);
+    if (st == RA_OK) st = r->be->ops->sync(r->be->ctx);
+    if (s + 1 < w.m) w.cur = 1 - w.cur;
+  }
+  return walk_close(r, &w, st);
 }
 
 /* ------------------------------------------------------------ backward */
@@ -334,84 +380,45 @@ done:
  * every block makes the full loop home.) */
 static ra_status run_spanning_backward(rank_ctx *r, int branch, int64_t *tables) {
   const ra_branch_info *bi = &r->plan->branch[branch];
-  const ra_config *c = r->cfg;
-  const int64_t m = bi->span, rank = r->tr->rank, pos = rank % m, group0 = rank - pos;
-  const int64_t hb = bi->head_end - bi->head_begin, H = c->num_heads, d = c->head_dim, B = c->batch;
-  int64_t *cur_at = tables, *cur_n = tables + hb, *cur_p = tables + 2 * hb;
-  int64_t *nxt_at = tables + 3 * hb, *nxt_n = tables + 4 * hb, *nxt_p = tables + 5 * hb;
-  ra_status st = RA_OK;
-  int cur = 0, sending = 0, receiving = 0;
-  ra_request sreq, rreq;
-  void *buf[2] = {NULL, NULL};
-
-  const size_t cap_bytes = alloc_ring_buffers(r, branch, group0, 1, nxt_at, buf);
-  if (!cap_bytes) {
-    st = RA_ERR_OUT_OF_MEMORY;
-    goto done;
-  }
-  int64_t cur_elems = packed_layout(r, branch, r->start, cur_at, cur_n, cur_p);
-  kv_source own = packed_source(r, buf[0], cur_elems, cur_at, cur_n, cur_p);
-  if ((st = r->be->ops->init_state(r->be->ctx, own.dk, cur_elems, NULL, 0)) != RA_OK) goto done;
-  if ((st = pack_block(r, branch, buf[0], cur_elems, cur_at, cur_n, cur_p)) != RA_OK) goto done;
-
-  for (int64_t s = 0; s < m; s++) {
-    const int64_t from = (pos - (s + 1) + 2 * m) % m; /* origin of the next block */
-    const int64_t nxt_elems = packed_layout(r, branch, (group0 + from) * r->L, nxt_at, nxt_n, nxt_p);
-    const int64_t prev = group0 + (pos + m - 1) % m, next = group0 + (pos + 1) % m;
-    if ((st = r->tr->ops->irecv(r->tr->ctx, buf[1 - cur], (size_t)block_bytes(r, nxt_elems, 1), (int)prev,
-                                branch, &rreq)) != RA_OK)
-      goto done;
-    receiving = 1;
-    r->stats->bytes_received += block_bytes(r, nxt_elems, 1);
-    if (!c->causal || s <= pos) {
-      const kv_source src = packed_source(r, buf[cur], cur_elems, cur_at, cur_n, cur_p);
-      if ((st = attend_block(r, branch, r->L, 1, &src, 1)) != RA_OK) goto done;
-      r->stats->steps++;
-    } else {
-      r->stats->steps_skipped++;
-    }
-    if ((st = r->be->ops->sync(r->be->ctx)) != RA_OK) goto done; /* dK/dV of the block are final here */
-    if ((st = r->tr->ops->isend(r->tr->ctx, buf[cur], (size_t)block_bytes(r, cur_elems, 1), (int)next, branch,
-                                &sreq)) != RA_OK)
-      goto done;
-    sending = 1;
-    r->stats->bytes_sent += block_bytes(r, cur_elems, 1);
-    if ((receiving = 0, st = r->tr->ops->wait(r->tr->ctx, &rreq)) != RA_OK) goto done;
-    if ((sending = 0, st = r->tr->ops->wait(r->tr->ctx, &sreq)) != RA_OK) goto done;
-    int64_t *t;
-    t = cur_at; cur_at = nxt_at; nxt_at = t;
-    t = cur_n; cur_n = nxt_n; nxt_n = t;
-    t = cur_p; cur_p = nxt_p; nxt_p = t;
-    cur_elems = nxt_elems;
-    cur = 1 - cur;
+  const int64_t hb = bi->head_end - bi->head_begin, H = r->cfg->num_heads, d = r->cfg->head_dim;
+  ring_walk w;
+  ra_status st = walk_open(r, branch, 1, tables, &w);
+  const int prev = (int)(w.group0 + (w.pos + w.m - 1) % w.m), next = (int)(w.group0 + (w.pos + 1) % w.m);
+  for (int64_t s = 0; s < w.m && st == RA_OK; s++) {
+    walk_layout_next(r, &w, s);
+    const int nxt = 1 - w.cur;
+    st = r->tr->ops->irecv(r->tr->ctx, w.buf[nxt], (size_t)walk_bytes(r, &w, nxt), prev, branch, &w.rreq);
+    if (st != RA_OK) break;
+    w.receiving = 1;
+    r->stats->bytes_received += walk_bytes(r, &w, nxt);
+    st = walk_attend(r, &w, s);
+    if (st == RA_OK) st = r->be->ops->sync(r->be->ctx); /* dK/dV of the block are final here */
+    if (st == RA_OK)
+      st = r->tr->ops->isend(r->tr->ctx, w.buf[w.cur], (size_t)walk_bytes(r, &w, w.cur), next, branch, &w.sreq);
+    if (st != RA_OK) break;
+    w.sending = 1;
+    r->stats->bytes_sent += walk_bytes(r, &w, w.cur);
+    st = walk_wait(r, &w);
+    w.cur = nxt;
   }
 
   /* Home: buf[cur] is this rank's own block with every rank's contribution. */
-  {
-    const kv_source home = packed_source(r, buf[cur], cur_elems, cur_at, cur_n, cur_p);
+  if (st == RA_OK) {
+    const kv_source home = walk_source(r, &w, w.cur);
     int64_t n = 0;
-    for (int64_t bb = 0; bb < B; bb++)
+    for (int64_t bb = 0; bb < r->cfg->batch; bb++)
       for (int64_t hh = 0; hh < hb; hh++) {
         ra_copy_task *t = &r->copies[n++];
-        t->src = bb * home.dkv_stride_b + cur_at[hh];
-        t->dst = ((bb * r->L + (cur_p[hh] - r->start)) * H + bi->head_begin + hh) * d;
-        t->count = cur_n[hh];
+        t->src = bb * home.dkv_stride_b + w.at[w.cur][hh];
+        t->dst = ((bb * r->L + (w.pos0[w.cur][hh] - r->start)) * H + bi->head_begin + hh) * d;
+        t->count = w.count[w.cur][hh];
       }
     ra_scatter_batch sk = {d, home.dk, r->dk, bi->rate * H * d, r->copies, n};
     ra_scatter_batch sv = {d, home.dv, r->dv, bi->rate * H * d, r->copies, n};
-    if ((st = r->be->ops->scatter_add(r->be->ctx, &sk)) == RA_OK)
-      st = r->be->ops->scatter_add(r->be->ctx, &sv);
+    if ((st = r->be->ops->scatter_add(r->be->ctx, &sk)) == RA_OK) st = r->be->ops->scatter_add(r->be->ctx, &sv);
     if (st == RA_OK) st = r->be->ops->sync(r->be->ctx);
   }
-done:
-  if (sending || receiving) {
-    if (r->tr->ops->abort) r->tr->ops->abort(r->tr->ctx);
-    if (receiving) r->tr->ops->wait(r->tr->ctx, &rreq);
-    if (sending) r->tr->ops->wait(r->tr->ctx, &sreq);
-  }
-  be_free(r, buf[0], cap_bytes);
-  be_free(r, buf[1], cap_bytes);
-  return st;
+  return walk_close(r, &w, st);
 }
 
 ra_status ra_ring_backward_run(const ra_plan *plan, const ra_transport *tr, const ra_backend *be,
