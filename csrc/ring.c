@@ -46,6 +46,9 @@ typedef struct rank_ctx {
   float *dk, *dv;        /* [b][L][h][d] accumulators of the shard's own keys */
   ra_attend_task *tasks; /* scratch for one step's task list          */
   ra_copy_task *copies;  /* scratch for one block's packing list       */
+  int64_t *tables;       /* per-head layouts of two blocks (6 h)        */
+  size_t task_bytes, copy_bytes;
+  int64_t held;          /* caller-owned bytes counted for this rank    */
 } rank_ctx;
 
 /* Where the keys/values of each head of a branch are read from: token t of
@@ -370,6 +373,46 @@ static ra_status run_spanning_branch(rank_ctx *r, int branch, int64_t *tables) {
   return walk_close(r, &w, st);
 }
 
+/* What the forward and the backward of a rank share: the context, the
+ * caller's `held` bytes counted, and the scratch for task lists (one step
+ * has at most b * h * windows-per-shard tasks) and block layouts. */
+static ra_status rank_open(rank_ctx *r, const ra_plan *plan, const ra_transport *tr, const ra_backend *be,
+                           ra_stats *stats, ra_tensor q, ra_tensor k, ra_tensor v, int64_t held) {
+  const ra_config *c = &plan->cfg;
+  memset(r, 0, sizeof *r);
+  r->plan = plan;
+  r->cfg = c;
+  r->tr = tr;
+  r->be = be;
+  r->stats = stats;
+  r->q = q;
+  r->k = k;
+  r->v = v;
+  r->L = r->lse_ld = plan->local_len;
+  r->start = (int64_t)tr->rank * r->L;
+  int64_t max_windows = 1;
+  for (int b = 0; b < c->num_branches; b++)
+    if (plan->branch[b].span == 1 && r->L / plan->branch[b].segment > max_windows)
+      max_windows = r->L / plan->branch[b].segment;
+  r->task_bytes = (size_t)(c->batch * c->num_heads * max_windows) * sizeof(ra_attend_task);
+  r->copy_bytes = (size_t)(c->batch * c->num_heads) * sizeof(ra_copy_task);
+  r->held = held;
+  ra_hold(stats, held);
+  r->tables = malloc(sizeof(int64_t) * (size_t)(6 * c->num_heads)); /* O(h), not counted */
+  r->tasks = ra_alloc(stats, r->task_bytes);
+  r->copies = ra_alloc(stats, r->copy_bytes);
+  if (!r->tables || !r->tasks || !r->copies)
+    return ra_fail(RA_ERR_OUT_OF_MEMORY, "could not allocate the task lists of rank %d", tr->rank);
+  return RA_OK;
+}
+
+static void rank_close(rank_ctx *r) {
+  ra_free(r->stats, r->copies, r->copy_bytes);
+  ra_free(r->stats, r->tasks, r->task_bytes);
+  free(r->tables);
+  ra_release(r->stats, r->held);
+}
+
 /* ------------------------------------------------------------ backward */
 
 /* The backward of a spanning branch.  Each block travels the whole sub-ring
@@ -435,68 +478,40 @@ ra_status ra_ring_backward_run(const ra_plan *plan, const ra_transport *tr, cons
   if (!be->ops->attend_backward || !be->ops->row_dot || !be->ops->scatter_add)
     return ra_fail(RA_ERR_UNSUPPORTED, "the %s backend has no backward", be->ops->name);
   const ra_config *c = &plan->cfg;
+  const int64_t L = plan->local_len, H = c->num_heads, d = c->head_dim, es = (int64_t)ra_dtype_size(c->dtype);
+  const size_t acc_bytes = (size_t)(c->batch * L * H * d) * sizeof(float);
+  const size_t delta_bytes = (size_t)(c->batch * H * L) * sizeof(float);
   rank_ctx r;
-  memset(&r, 0, sizeof r);
-  r.plan = plan;
-  r.cfg = c;
-  r.tr = tr;
-  r.be = be;
-  r.stats = stats;
-  r.q = q;
-  r.k = k;
-  r.v = v;
+  /* held: the 8 shards q, k, v, o, dout, dq, dk, dv and the lse */
+  ra_status st = rank_open(&r, plan, tr, be, stats, q, k, v, 8 * c->batch * L * H * d * es + c->batch * H * L * 4);
   r.dout = dout;
-  r.L = plan->local_len;
-  r.start = (int64_t)tr->rank * r.L;
   r.lse = (float *)lse; /* read only in the backward */
   r.lse_ld = lse_ld;
-  const int64_t H = c->num_heads, d = c->head_dim, es = (int64_t)ra_dtype_size(c->dtype);
-  const int64_t held = 8 * c->batch * r.L * H * d * es + c->batch * H * r.L * 4; /* 8 shards + lse */
-  const size_t acc_bytes = (size_t)(c->batch * r.L * H * d) * sizeof(float);
-  const size_t delta_bytes = (size_t)(c->batch * H * r.L) * sizeof(float);
-  int64_t max_windows = 1;
-  for (int b = 0; b < c->num_branches; b++)
-    if (plan->branch[b].span == 1 && r.L / plan->branch[b].segment > max_windows)
-      max_windows = r.L / plan->branch[b].segment;
-  const size_t task_bytes = (size_t)(c->batch * H * max_windows) * sizeof(ra_attend_task);
-  const size_t copy_bytes = (size_t)(c->batch * H) * sizeof(ra_copy_task);
-  ra_status st = RA_OK;
   float *delta = NULL;
-
-  ra_hold(stats, held);
-  int64_t *tables = malloc(sizeof(int64_t) * (size_t)(6 * H));
-  r.tasks = ra_alloc(stats, task_bytes);
-  r.copies = ra_alloc(stats, copy_bytes);
-  r.acc = be_alloc(&r, acc_bytes);
-  r.dk = be_alloc(&r, acc_bytes);
-  r.dv = be_alloc(&r, acc_bytes);
-  delta = be_alloc(&r, delta_bytes);
-  r.delta = delta;
-  if (!tables || !r.tasks || !r.copies || !r.acc || !r.dk || !r.dv || !delta) {
-    st = ra_fail(RA_ERR_OUT_OF_MEMORY, "could not allocate the gradient accumulators of rank %d", tr->rank);
-    goto done;
+  if (st == RA_OK) {
+    r.acc = be_alloc(&r, acc_bytes);
+    r.dk = be_alloc(&r, acc_bytes);
+    r.dv = be_alloc(&r, acc_bytes);
+    r.delta = delta = be_alloc(&r, delta_bytes);
+    if (!r.acc || !r.dk || !r.dv || !delta)
+      st = ra_fail(RA_ERR_OUT_OF_MEMORY, "could not allocate the gradient accumulators of rank %d", tr->rank);
   }
-  const int64_t n_acc = c->batch * r.L * H * d;
-  if ((st = be->ops->init_state(be->ctx, r.acc, n_acc, NULL, 0)) == RA_OK &&
+  const int64_t n_acc = c->batch * L * H * d;
+  if (st == RA_OK && (st = be->ops->init_state(be->ctx, r.acc, n_acc, NULL, 0)) == RA_OK &&
       (st = be->ops->init_state(be->ctx, r.dk, n_acc, NULL, 0)) == RA_OK &&
       (st = be->ops->init_state(be->ctx, r.dv, n_acc, NULL, 0)) == RA_OK)
-    st = be->ops->row_dot(be->ctx, c, r.L, dout, o, delta, r.L);
+    st = be->ops->row_dot(be->ctx, c, L, dout, o, delta, L);
   for (int b = 0; b < c->num_branches && st == RA_OK; b++)
-    st = plan->branch[b].span == 1 ? run_local_branch(&r, b, tables, 1) : run_spanning_backward(&r, b, tables);
-  if (st == RA_OK) st = be->ops->store(be->ctx, c, r.L, r.acc, NULL, dq, NULL, 0);
-  if (st == RA_OK) st = be->ops->store(be->ctx, c, r.L, r.dk, NULL, dk, NULL, 0);
-  if (st == RA_OK) st = be->ops->store(be->ctx, c, r.L, r.dv, NULL, dv, NULL, 0);
+    st = plan->branch[b].span == 1 ? run_local_branch(&r, b, r.tables, 1) : run_spanning_backward(&r, b, r.tables);
+  if (st == RA_OK) st = be->ops->store(be->ctx, c, L, r.acc, NULL, dq, NULL, 0);
+  if (st == RA_OK) st = be->ops->store(be->ctx, c, L, r.dk, NULL, dk, NULL, 0);
+  if (st == RA_OK) st = be->ops->store(be->ctx, c, L, r.dv, NULL, dv, NULL, 0);
   if (st == RA_OK) st = be->ops->sync(be->ctx);
-
-done:
   be_free(&r, delta, delta_bytes);
   be_free(&r, r.dv, acc_bytes);
   be_free(&r, r.dk, acc_bytes);
   be_free(&r, r.acc, acc_bytes);
-  ra_free(stats, r.copies, copy_bytes);
-  ra_free(stats, r.tasks, task_bytes);
-  free(tables);
-  ra_release(stats, held);
+  rank_close(&r);
   return st;
 }
 
@@ -530,54 +545,26 @@ ra_status ra_ring_run(const ra_plan *plan, const ra_transport *tr, const ra_back
                       int64_t lse_ld, ra_stats *stats) {
   RA_TRY(check_call(plan, tr, be, q, k, v, o, lse, lse_ld));
   const ra_config *c = &plan->cfg;
+  const int64_t L = plan->local_len, H = c->num_heads, d = c->head_dim, es = (int64_t)ra_dtype_size(c->dtype);
+  const size_t acc_bytes = (size_t)(c->batch * L * H * d) * sizeof(float);
+  const size_t lse_bytes = (size_t)(c->batch * H * L) * sizeof(float);
   rank_ctx r;
-  memset(&r, 0, sizeof r);
-  r.plan = plan;
-  r.cfg = c;
-  r.tr = tr;
-  r.be = be;
-  r.stats = stats;
-  r.q = q;
-  r.k = k;
-  r.v = v;
-  r.L = r.lse_ld = plan->local_len;
-  r.start = (int64_t)tr->rank * r.L;
-  const int64_t H = c->num_heads, d = c->head_dim, es = (int64_t)ra_dtype_size(c->dtype);
-  const int64_t held = 4 * c->batch * r.L * H * d * es + (lse ? c->batch * H * r.L * 4 : 0);
-  const size_t acc_bytes = (size_t)(c->batch * r.L * H * d) * sizeof(float);
-  const size_t lse_bytes = (size_t)(c->batch * H * r.L) * sizeof(float);
-  /* one step has at most b * h * (windows per shard) tasks */
-  int64_t max_windows = 1;
-  for (int b = 0; b < c->num_branches; b++)
-    if (plan->branch[b].span == 1 && r.L / plan->branch[b].segment > max_windows)
-      max_windows = r.L / plan->branch[b].segment;
-  const size_t task_bytes = (size_t)(c->batch * H * max_windows) * sizeof(ra_attend_task);
-  const size_t copy_bytes = (size_t)(c->batch * H) * sizeof(ra_copy_task);
-  ra_status st = RA_OK;
-
-  ra_hold(stats, held); /* the caller's shards of q, k, v, o (and lse) */
-  int64_t *tables = malloc(sizeof(int64_t) * (size_t)(6 * H)); /* O(h), not counted */
-  r.tasks = ra_alloc(stats, task_bytes);
-  r.copies = ra_alloc(stats, copy_bytes);
-  r.acc = be_alloc(&r, acc_bytes);
-  r.lse = be_alloc(&r, lse_bytes);
-  if (!tables || !r.tasks || !r.copies || !r.acc || !r.lse) {
-    st = ra_fail(RA_ERR_OUT_OF_MEMORY, "could not allocate the accumulators of rank %d", tr->rank);
-    goto done;
+  /* held: the caller's shards of q, k, v, o (and lse) */
+  ra_status st = rank_open(&r, plan, tr, be, stats, q, k, v,
+                           4 * c->batch * L * H * d * es + (lse ? c->batch * H * L * 4 : 0));
+  if (st == RA_OK) {
+    r.acc = be_alloc(&r, acc_bytes);
+    r.lse = be_alloc(&r, lse_bytes);
+    if (!r.acc || !r.lse) st = ra_fail(RA_ERR_OUT_OF_MEMORY, "could not allocate the accumulators of rank %d", tr->rank);
   }
-  st = be->ops->init_state(be->ctx, r.acc, c->batch * r.L * H * d, r.lse, c->batch * H * r.L);
+  if (st == RA_OK) st = be->ops->init_state(be->ctx, r.acc, c->batch * L * H * d, r.lse, c->batch * H * L);
   for (int b = 0; b < c->num_branches && st == RA_OK; b++)
-    st = plan->branch[b].span == 1 ? run_local_branch(&r, b, tables, 0) : run_spanning_branch(&r, b, tables);
-  if (st == RA_OK) st = be->ops->store(be->ctx, c, r.L, r.acc, r.lse, o, lse, lse_ld);
+    st = plan->branch[b].span == 1 ? run_local_branch(&r, b, r.tables, 0) : run_spanning_branch(&r, b, r.tables);
+  if (st == RA_OK) st = be->ops->store(be->ctx, c, L, r.acc, r.lse, o, lse, lse_ld);
   if (st == RA_OK) st = be->ops->sync(be->ctx);
-
-done:
   be_free(&r, r.lse, lse_bytes);
   be_free(&r, r.acc, acc_bytes);
-  ra_free(stats, r.copies, copy_bytes);
-  ra_free(stats, r.tasks, task_bytes);
-  free(tables);
-  ra_release(stats, held);
+  rank_close(&r);
   return st;
 }
 
