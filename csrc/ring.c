@@ -568,66 +568,48 @@ ra_status ra_ring_run(const ra_plan *plan, const ra_transport *tr, const ra_back
   return st;
 }
 
-/* Scan this rank's inputs when non-finite values are to be refused. */
-static ra_status check_finite(const ra_config *c, int64_t L, ra_tensor q, ra_tensor k,
-                              ra_tensor v, int threads) {
-  const ra_tensor *t[3] = {&q, &k, &v};
-  const char *name[3] = {"q", "k", "v"};
-  for (int i = 0; i < 3; i++)
-    if (!ra_tensor_finite(*t[i], c->dtype, c->batch, L, c->num_heads, c->head_dim, threads))
-      return ra_fail(RA_ERR_NONFINITE, "%s contains NaN or Inf (nan_policy=\"raise\")", name[i]);
-  return RA_OK;
+/* One rank on the CPU backend, forward or backward (t: q, k, v, o and for
+ * the backward dout, dq, dk, dv): refuse bf16 and, when asked, non-finite
+ * inputs; a failed rank tells its peers, so that none waits for it forever. */
+static ra_status cpu_rank(const ra_plan *plan, const ra_transport *tr, int backward, const ra_tensor *t,
+                          float *lse, int64_t lse_ld, const ra_exec *exec, ra_stats *stats) {
+  static const char *const names[5] = {"q", "k", "v", "o", "dout"};
+  ra_stats local_stats;
+  if (!stats) stats = &local_stats;
+  memset(stats, 0, sizeof *stats);
+  const int threads = exec && exec->num_threads > 0 ? exec->num_threads : ra_default_num_threads();
+  ra_status st = RA_OK;
+  if (plan && plan->cfg.dtype == RA_BFLOAT16)
+    st = ra_fail(RA_ERR_UNSUPPORTED, "dtype: bfloat16 is supported by the CUDA backend only");
+  for (int i = 0; i < (backward ? 5 : 3) && st == RA_OK && plan && exec && exec->check_finite; i++) {
+    const ra_config *c = &plan->cfg;
+    if (i != 3 && t[i].data && !ra_tensor_finite(t[i], c->dtype, c->batch, plan->local_len, c->num_heads, c->head_dim, threads))
+      st = ra_fail(RA_ERR_NONFINITE, "%s contains NaN or Inf (nan_policy=\"raise\")", names[i]);
+  }
+  if (st == RA_OK) {
+    ra_cpu_backend cpu;
+    ra_backend be;
+    st = ra_cpu_backend_open(&cpu, threads, plan ? plan->cfg.head_dim : 1, backward, stats, &be);
+    if (st == RA_OK)
+      st = backward ? ra_ring_backward_run(plan, tr, &be, t[0], t[1], t[2], t[3], t[4], lse, lse_ld, t[5], t[6], t[7], stats)
+                    : ra_ring_run(plan, tr, &be, t[0], t[1], t[2], t[3], lse, lse_ld, stats);
+    ra_cpu_backend_close(&cpu);
+  }
+  if (st != RA_OK && tr && tr->ops && tr->ops->abort) tr->ops->abort(tr->ctx);
+  return st;
 }
 
 ra_status ra_ring_forward(const ra_plan *plan, const ra_transport *tr,
                           ra_tensor q, ra_tensor k, ra_tensor v, ra_tensor o,
                           float *lse, int64_t lse_ld, const ra_exec *exec,
                           ra_stats *stats) {
-  ra_stats local_stats;
-  if (!stats) stats = &local_stats;
-  memset(stats, 0, sizeof *stats);
-  const int threads = exec && exec->num_threads > 0 ? exec->num_threads : ra_default_num_threads();
-  ra_status st = RA_OK;
-  if (plan && plan->cfg.dtype == RA_BFLOAT16)
-    st = ra_fail(RA_ERR_UNSUPPORTED, "dtype: bfloat16 is supported by the CUDA backend only");
-  else if (plan && q.data && k.data && v.data && exec && exec->check_finite)
-    st = check_finite(&plan->cfg, plan->local_len, q, k, v, threads);
-  if (st == RA_OK) {
-    ra_cpu_backend cpu;
-    ra_backend be;
-    st = ra_cpu_backend_open(&cpu, threads, plan ? plan->cfg.head_dim : 1, 0, stats, &be);
-    if (st == RA_OK) st = ra_ring_run(plan, tr, &be, q, k, v, o, lse, lse_ld, stats);
-    ra_cpu_backend_close(&cpu);
-  }
-  /* a failed rank tells its peers, so that none waits for it forever */
-  if (st != RA_OK && tr && tr->ops && tr->ops->abort) tr->ops->abort(tr->ctx);
-  return st;
+  const ra_tensor t[4] = {q, k, v, o};
+  return cpu_rank(plan, tr, 0, t, lse, lse_ld, exec, stats);
 }
 
 ra_status ra_ring_backward(const ra_plan *plan, const ra_transport *tr, ra_tensor q, ra_tensor k,
                            ra_tensor v, ra_tensor o, ra_tensor dout, const float *lse, int64_t lse_ld,
                            ra_tensor dq, ra_tensor dk, ra_tensor dv, const ra_exec *exec, ra_stats *stats) {
-  ra_stats local_stats;
-  if (!stats) stats = &local_stats;
-  memset(stats, 0, sizeof *stats);
-  const int threads = exec && exec->num_threads > 0 ? exec->num_threads : ra_default_num_threads();
-  ra_status st = RA_OK;
-  if (plan && plan->cfg.dtype == RA_BFLOAT16)
-    st = ra_fail(RA_ERR_UNSUPPORTED, "dtype: bfloat16 is supported by the CUDA backend only");
-  else if (plan && q.data && k.data && v.data && exec && exec->check_finite)
-    st = check_finite(&plan->cfg, plan->local_len, q, k, v, threads);
-  if (st == RA_OK && plan && dout.data && exec && exec->check_finite &&
-      !ra_tensor_finite(dout, plan->cfg.dtype, plan->cfg.batch, plan->local_len, plan->cfg.num_heads,
-                        plan->cfg.head_dim, threads))
-    st = ra_fail(RA_ERR_NONFINITE, "dout contains NaN or Inf (nan_policy=\"raise\")");
-  if (st == RA_OK) {
-    ra_cpu_backend cpu;
-    ra_backend be;
-    st = ra_cpu_backend_open(&cpu, threads, plan ? plan->cfg.head_dim : 1, 1, stats, &be);
-    if (st == RA_OK)
-      st = ra_ring_backward_run(plan, tr, &be, q, k, v, o, dout, lse, lse_ld, dq, dk, dv, stats);
-    ra_cpu_backend_close(&cpu);
-  }
-  if (st != RA_OK && tr && tr->ops && tr->ops->abort) tr->ops->abort(tr->ctx);
-  return st;
+  const ra_tensor t[8] = {q, k, v, o, dout, dq, dk, dv};
+  return cpu_rank(plan, tr, 1, t, (float *)lse, lse_ld, exec, stats);
 }
