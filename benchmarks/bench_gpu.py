@@ -14,6 +14,12 @@
     are compared as well.
 (c) the one-GPU ring at k = 1, 2, 4, 8 ranks: time and device bytes per rank
     (ring statistics from the core).
+(d) the dense backward, bf16, d = 64 and 128, n = 8192 and 16384, causal and
+    not, against SDPA's flash backward (torch.autograd.grad of a forward
+    kept for it): TFLOP/s counted as 2.5x the forward's FLOPs, ratio SDPA /
+    ringattn, and the gradients' largest error relative to SDPA's.  ringattn
+    runs through the public dilated_attention_backward on the torch tensors
+    (DLPack parsing and three gradient allocations included).
 
 Times are medians over repeats measured with CUDA events around each call
 (the ringattn call is synchronous, so its time includes returning to the
@@ -230,6 +236,56 @@ def bench_ring(torch, budget, results, log):
         torch.cuda.empty_cache()
 
 
+def bench_backward(torch, budget, results, log):
+    F = torch.nn.functional
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    for d in (64, 128):
+        for n in (8192, 16384):
+            for causal in (False, True):
+                h = 16
+                b = max(1, 2 ** 18 // (h * n))
+                row = dict(d=d, n=n, b=b, h=h, causal=causal)
+                results.append(row)
+                if budget.left() < 5:
+                    row["skipped"] = "budget"
+                    continue
+                g = torch.Generator(device="cuda").manual_seed(3 * n + d)
+                q, k, v, dout = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16, generator=g)
+                                 for _ in range(4))
+                flops = 2.5 * 4 * b * h * n * n * d * (0.5 if causal else 1.0)
+                grads = None
+                try:
+                    o, lse = ringattn.dilated_attention(q, k, v, [n], [1], causal=causal, return_lse=True)
+                    o = torch.from_dlpack(o)
+                    holder = {}
+
+                    def call():
+                        holder["g"] = ringattn.dilated_attention_backward(q, k, v, o, lse, dout, [n], [1],
+                                                                          causal=causal)
+                    ms, reps = time_ms(torch, call, budget)
+                    grads = [torch.from_dlpack(x) for x in holder["g"]]
+                    row.update(ra_ms=ms, ra_tflops=flops / ms / 1e9, ra_reps=reps)
+                except Exception as e:  # noqa: BLE001
+                    row["ra_error"] = f"{type(e).__name__}: {e}"
+                try:
+                    qt, kt, vt = (x.transpose(1, 2).detach().requires_grad_() for x in (q, k, v))
+                    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                        ot = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+                    gt = dout.transpose(1, 2)
+                    ms, reps = time_ms(torch, lambda: torch.autograd.grad(ot, (qt, kt, vt), gt, retain_graph=True),
+                                       budget)
+                    row.update(sdpa_ms=ms, sdpa_tflops=flops / ms / 1e9, sdpa_reps=reps)
+                    if grads is not None:
+                        ref = torch.autograd.grad(ot, (qt, kt, vt), gt)
+                        row["ratio"] = row["sdpa_ms"] / row["ra_ms"]
+                        row["max_rel_err_vs_sdpa"] = max(rel_err(a, r.transpose(1, 2)) for a, r in zip(grads, ref))
+                except Exception as e:  # noqa: BLE001
+                    row["sdpa_error"] = f"{type(e).__name__}: {e}"
+                log(f"backward {row}")
+                q = k = v = o = dout = grads = qt = kt = vt = ot = None
+                torch.cuda.empty_cache()
+
+
 def fmt(x, spec):
     if isinstance(x, (int, float)):
         return format(x, spec)
@@ -237,7 +293,7 @@ def fmt(x, spec):
     return format("-", f">{width}")
 
 
-def table(info, dense, seed, ring):
+def table(info, dense, seed, ring, backward=()):
     lines = [f"== ringattn GPU check: {info.get('gpu', '?')}, torch {info.get('torch', '?')} =="]
     lines.append("(a) dense bf16 vs SDPA flash   [TFLOP/s = 4bhn^2d (/2 causal) / time; ratio = SDPA ms / ringattn ms]")
     lines.append(f"  {'d':>4} {'n':>6} {'b*h':>5} {'causal':>6} {'ra ms':>9} {'ra TF/s':>8} {'sdpa ms':>9} "
@@ -265,6 +321,16 @@ def table(info, dense, seed, ring):
         sent = max(r["sent_mb_per_rank"]) if r.get("sent_mb_per_rank") else None
         lines.append(f"  {r['config']:>6} {r['n']:>6} {r['world_size']:>2} {fmt(r.get('ms'), '9.3f')} "
                      f"{fmt(peak, '9.1f')} {fmt(sent, '9.1f')} {fmt(r.get('max_rel_err_vs_k1'), '10.1e')} {note[:60]}")
+    if backward:
+        lines.append("(d) dense backward bf16 vs SDPA flash backward   [TFLOP/s = 2.5 x forward FLOPs / time]")
+        lines.append(f"  {'d':>4} {'n':>6} {'b*h':>5} {'causal':>6} {'ra ms':>9} {'ra TF/s':>8} {'sdpa ms':>9} "
+                     f"{'sdpa TF/s':>9} {'ratio':>6} {'err':>8}")
+        for r in backward:
+            note = r.get("skipped") or r.get("ra_error") or r.get("sdpa_error") or ""
+            lines.append(f"  {r['d']:>4} {r['n']:>6} {r['b'] * r['h']:>5} {str(r['causal']):>6} "
+                         f"{fmt(r.get('ra_ms'), '9.3f')} {fmt(r.get('ra_tflops'), '8.1f')} "
+                         f"{fmt(r.get('sdpa_ms'), '9.3f')} {fmt(r.get('sdpa_tflops'), '9.1f')} "
+                         f"{fmt(r.get('ratio'), '6.2f')} {fmt(r.get('max_rel_err_vs_sdpa'), '8.1e')} {note[:60]}")
     return "\n".join(lines)
 
 
@@ -273,7 +339,7 @@ def main(argv=None):
     p.add_argument("--budget", type=float, default=150.0, help="seconds for all timings (cases beyond it are skipped)")
     p.add_argument("--json", default="bench.json")
     p.add_argument("--table", default=None, help="also write the table to this file")
-    p.add_argument("--only", default="abc", help="which parts to run: any of a, b, c")
+    p.add_argument("--only", default="abcd", help="which parts to run: any of a, b, c, d")
     args = p.parse_args(argv)
 
     def log(msg):
@@ -293,22 +359,24 @@ def main(argv=None):
     budget = Budget(args.budget)
     info = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, numpy=np.__version__,
                 python=sys.version.split()[0], budget_s=args.budget)
-    dense, seed, ring = [], [], []
+    dense, seed, ring, backward = [], [], [], []
     if "a" in args.only:
         bench_dense(torch, budget, dense, log)
     if "b" in args.only:
         bench_seed(torch, budget, seed, log)
     if "c" in args.only:
         bench_ring(torch, budget, ring, log)
+    if "d" in args.only:
+        bench_backward(torch, budget, backward, log)
     info["elapsed_s"] = round(time.perf_counter() - budget.t0, 1)
     with open(args.json, "w") as f:
-        json.dump(dict(info=info, dense=dense, seed=seed, ring=ring), f, indent=1, default=float)
-    text = table(info, dense, seed, ring)
+        json.dump(dict(info=info, dense=dense, seed=seed, ring=ring, backward=backward), f, indent=1, default=float)
+    text = table(info, dense, seed, ring, backward)
     if args.table:
         with open(args.table, "w") as f:
             f.write(text + "\n")
     print(text)
-    errors = [r for r in dense + seed + ring if any(k.endswith("error") for k in r)]
+    errors = [r for r in dense + seed + ring + backward if any(k.endswith("error") for k in r)]
     return 1 if errors else 0
 
 

@@ -97,7 +97,7 @@ ra_status ra_comm_allgather(ra_comm *comm, const void *send, size_t bytes, void 
 /* Plan, scan this rank's inputs, agree, then run the ring (t: q, k, v, o
  * and for the backward dout, dq, dk, dv). */
 static ra_status comm_run(const ra_config *cfg, ra_comm *comm, int backward, const ra_tensor *t,
-                          float *lse, int64_t lse_ld, const ra_exec *exec, ra_stats *stats) {
+                          void *lse, int64_t lse_ld, const ra_exec *exec, ra_stats *stats) {
   if (!comm) return ra_fail(RA_ERR_INVALID_ARGUMENT, "comm is NULL");
   ra_plan *plan = NULL;
   ra_status local = RA_OK;
@@ -124,25 +124,27 @@ static ra_status comm_run(const ra_config *cfg, ra_comm *comm, int backward, con
   ra_status st = ra_comm_agree(comm, local, message, local == RA_OK ? cfg : NULL);
   if (st == RA_OK) {
     ra_exec run = {exec ? exec->num_threads : 0, 0}; /* inputs were scanned above */
-    st = backward ? comm->ring_backward(comm, plan, t, lse, lse_ld, &run, stats)
-                  : comm->ring(comm, plan, t[0], t[1], t[2], t[3], lse, lse_ld, &run, stats);
+    /* the communicators' ring functions take lse as float *: an opaque base
+     * that holds doubles for RA_FLOAT64 (see ra_ring_forward) */
+    st = backward ? comm->ring_backward(comm, plan, t, (const float *)lse, lse_ld, &run, stats)
+                  : comm->ring(comm, plan, t[0], t[1], t[2], t[3], (float *)lse, lse_ld, &run, stats);
   }
   ra_plan_destroy(plan);
   return st;
 }
 
 ra_status ra_comm_forward(const ra_config *cfg, ra_comm *comm, ra_tensor q, ra_tensor k,
-                          ra_tensor v, ra_tensor o, float *lse, int64_t lse_ld,
+                          ra_tensor v, ra_tensor o, void *lse, int64_t lse_ld,
                           const ra_exec *exec, ra_stats *stats) {
   const ra_tensor t[4] = {q, k, v, o};
   return comm_run(cfg, comm, 0, t, lse, lse_ld, exec, stats);
 }
 
 ra_status ra_comm_backward(const ra_config *cfg, ra_comm *comm, ra_tensor q, ra_tensor k, ra_tensor v,
-                           ra_tensor o, ra_tensor dout, const float *lse, int64_t lse_ld, ra_tensor dq,
+                           ra_tensor o, ra_tensor dout, const void *lse, int64_t lse_ld, ra_tensor dq,
                            ra_tensor dk, ra_tensor dv, const ra_exec *exec, ra_stats *stats) {
   const ra_tensor t[8] = {q, k, v, o, dout, dq, dk, dv};
-  return comm_run(cfg, comm, 1, t, (float *)lse, lse_ld, exec, stats);
+  return comm_run(cfg, comm, 1, t, (void *)lse, lse_ld, exec, stats); /* the backward only reads lse */
 }
 
 void ra_comm_destroy(ra_comm *comm) {

@@ -39,9 +39,14 @@ static struct {
 
 static ra_status load_nccl(void) {
   if (nccl.loaded) return RA_OK;
-  void *lib = dlopen("libnccl.so.2", RTLD_NOW | RTLD_LOCAL);
-  if (!lib) lib = dlopen("libnccl.so", RTLD_NOW | RTLD_LOCAL);
-  if (!lib) return ra_fail(RA_ERR_UNSUPPORTED, "NCCL is not available: could not load libnccl.so.2 (%s)", dlerror());
+  /* RINGATTN_NCCL_LIBRARY names the library when it is not on the loader's
+   * path (e.g. the copy inside the nvidia-nccl Python wheel). */
+  const char *path = getenv("RINGATTN_NCCL_LIBRARY");
+  void *lib = dlopen(path && *path ? path : "libnccl.so.2", RTLD_NOW | RTLD_LOCAL);
+  if (!lib && !(path && *path)) lib = dlopen("libnccl.so", RTLD_NOW | RTLD_LOCAL);
+  if (!lib)
+    return ra_fail(RA_ERR_UNSUPPORTED, "NCCL is not available: could not load %s (%s); set RINGATTN_NCCL_LIBRARY",
+                   path && *path ? path : "libnccl.so.2", dlerror());
 #define SYM(field, name)                                                              \
   if (!(*(void **)&nccl.field = dlsym(lib, name)))                                    \
     return ra_fail(RA_ERR_UNSUPPORTED, "libnccl.so.2 lacks %s", name);
@@ -159,14 +164,15 @@ static ra_status nccl_ring(ra_comm *c, const ra_plan *plan, ra_tensor q, ra_tens
                            ra_tensor o, float *lse, int64_t lse_ld, const ra_exec *exec, ra_stats *stats) {
   (void)exec;
   nccl_impl *n = c->impl;
-  return ra_cuda_ring_rank(plan, &c->transport, n->device, q, k, v, o, lse, lse_ld, stats);
+  const ra_tensor t[4] = {q, k, v, o};
+  return ra_cuda_ring_rank(plan, &c->transport, n->device, 0, t, lse, lse_ld, stats);
 }
 
 static ra_status nccl_ring_backward(ra_comm *c, const ra_plan *plan, const ra_tensor *t, const float *lse,
                                     int64_t lse_ld, const ra_exec *exec, ra_stats *stats) {
-  (void)c; (void)plan; (void)t; (void)lse; (void)lse_ld; (void)exec; (void)stats;
-  return ra_fail(RA_ERR_UNSUPPORTED, "the backward over NCCL needs the CUDA backward kernels, "
-                                     "which this version does not have");
+  (void)exec;
+  nccl_impl *n = c->impl;
+  return ra_cuda_ring_rank(plan, &c->transport, n->device, 1, t, (float *)lse, lse_ld, stats);
 }
 
 static void nccl_destroy(ra_comm *c) {

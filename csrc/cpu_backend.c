@@ -1,7 +1,8 @@
 /*
  * cpu_backend.c -- the ring driver's backend on the CPU: host memory,
  * OpenMP threads over (task, query block), the flash kernel of
- * cpu_kernel.c, and plain row copies for packing.
+ * cpu_kernel.c, and plain row copies for packing.  float64 inputs get the
+ * double ops of cpu_double.c instead where the accumulator type matters.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -12,6 +13,7 @@
 #endif
 
 #include "cpu_backward.h"
+#include "cpu_double.h"
 #include "half.h"
 #include "internal.h"
 
@@ -74,20 +76,27 @@ static ra_status cpu_attend(void *ctx, const ra_attend_batch *a) {
   return RA_OK;
 }
 
+/* Accumulator rows (fp32, or double for float64) into o's dtype; the lse
+ * has the accumulators' type. */
 static ra_status cpu_store(void *ctx, const ra_config *c, int64_t L, const float *acc,
                            const float *lse_state, ra_tensor o, float *lse, int64_t lse_ld) {
   const ra_cpu_backend *cpu = ctx;
   const int64_t H = c->num_heads, d = c->head_dim, rows = c->batch * L * H;
-  const size_t es = ra_dtype_size(c->dtype);
+  const size_t es = ra_dtype_size(c->dtype), acc_es = ra_acc_size(c->dtype);
 #pragma omp parallel for num_threads(cpu->threads) schedule(static)
   for (int64_t i = 0; i < rows; i++) {
     const int64_t h = i % H, p = (i / H) % L, bb = i / H / L;
-    ra_store_row((char *)o.data + (size_t)(bb * o.stride_b + p * o.stride_n + h * o.stride_h) * es,
-                 c->dtype, acc + i * d, d);
+    char *dst = (char *)o.data + (size_t)(bb * o.stride_b + p * o.stride_n + h * o.stride_h) * es;
+    const char *row = (const char *)acc + (size_t)(i * d) * acc_es;
+    if (c->dtype == RA_FLOAT64)
+      memcpy(dst, row, sizeof(double) * (size_t)d); /* double accumulators are the output already */
+    else
+      ra_store_row(dst, c->dtype, (const float *)row, d);
   }
   if (lse)
     for (int64_t bh = 0; bh < c->batch * H; bh++)
-      memcpy(lse + bh * lse_ld, lse_state + bh * L, sizeof(float) * (size_t)L);
+      memcpy((char *)lse + (size_t)(bh * lse_ld) * acc_es, (const char *)lse_state + (size_t)(bh * L) * acc_es,
+             acc_es * (size_t)L);
   return RA_OK;
 }
 
@@ -191,36 +200,45 @@ static const ra_backend_ops cpu_ops = {"cpu", cpu_alloc, cpu_free, cpu_init_stat
                                        cpu_attend, cpu_store, cpu_sync, cpu_row_dot,
                                        cpu_attend_backward, cpu_scatter_add};
 
-ra_status ra_cpu_backend_open(ra_cpu_backend *cpu, int threads, int64_t head_dim, int backward,
-                              ra_stats *stats, ra_backend *out) {
+/* float64: double accumulators (cpu_double.c); gather and store are generic. */
+static const ra_backend_ops cpu_f64_ops = {"cpu", cpu_alloc, cpu_free, ra_f64_init_state, cpu_gather,
+                                           ra_f64_attend, cpu_store, cpu_sync, ra_f64_row_dot,
+                                           ra_f64_attend_backward, ra_f64_scatter_add};
+
+ra_status ra_cpu_backend_open(ra_cpu_backend *cpu, ra_dtype dtype, int threads, int64_t head_dim,
+                              int backward, ra_stats *stats, ra_backend *out) {
+  const int f64 = dtype == RA_FLOAT64;
   memset(cpu, 0, sizeof *cpu);
   cpu->threads = threads > 0 ? threads : 1;
   cpu->head_dim = head_dim;
   cpu->stats = stats;
+  /* the float64 path needs one row of doubles per thread and no backward scratch */
+  cpu->ws_bytes = f64 ? ra_f64_workspace_bytes(head_dim) : ra_workspace_bytes(head_dim);
+  cpu->bwd_ws_bytes = backward && !f64 ? ra_bwd_workspace_bytes(head_dim) : 0;
   cpu->ws = calloc((size_t)cpu->threads, sizeof(void *));
-  cpu->bwd_ws = backward ? calloc((size_t)cpu->threads, sizeof(void *)) : NULL;
-  if (!cpu->ws || (backward && !cpu->bwd_ws)) {
+  cpu->bwd_ws = cpu->bwd_ws_bytes ? calloc((size_t)cpu->threads, sizeof(void *)) : NULL;
+  if (!cpu->ws || (cpu->bwd_ws_bytes && !cpu->bwd_ws)) {
     ra_cpu_backend_close(cpu);
     return ra_fail(RA_ERR_OUT_OF_MEMORY, "could not allocate kernel workspaces");
   }
   for (int t = 0; t < cpu->threads; t++) {
-    if (!(cpu->ws[t] = ra_alloc(stats, ra_workspace_bytes(head_dim))) ||
-        (backward && !(cpu->bwd_ws[t] = ra_alloc(stats, ra_bwd_workspace_bytes(head_dim))))) {
+    if (!(cpu->ws[t] = ra_alloc(stats, cpu->ws_bytes)) ||
+        (cpu->bwd_ws && !(cpu->bwd_ws[t] = ra_alloc(stats, cpu->bwd_ws_bytes)))) {
       ra_cpu_backend_close(cpu);
       return ra_fail(RA_ERR_OUT_OF_MEMORY, "could not allocate kernel workspaces");
     }
-    ra_workspace_init(cpu->ws[t], head_dim);
-    if (backward) ra_bwd_workspace_init(cpu->bwd_ws[t], head_dim);
+    if (!f64) ra_workspace_init(cpu->ws[t], head_dim);
+    if (cpu->bwd_ws) ra_bwd_workspace_init(cpu->bwd_ws[t], head_dim);
   }
-  out->ops = &cpu_ops;
+  out->ops = f64 ? &cpu_f64_ops : &cpu_ops;
   out->ctx = cpu;
   return RA_OK;
 }
 
 void ra_cpu_backend_close(ra_cpu_backend *cpu) {
   for (int t = 0; t < cpu->threads; t++) {
-    if (cpu->ws) ra_free(cpu->stats, cpu->ws[t], cpu->ws[t] ? ra_workspace_bytes(cpu->head_dim) : 0);
-    if (cpu->bwd_ws) ra_free(cpu->stats, cpu->bwd_ws[t], cpu->bwd_ws[t] ? ra_bwd_workspace_bytes(cpu->head_dim) : 0);
+    if (cpu->ws) ra_free(cpu->stats, cpu->ws[t], cpu->ws[t] ? cpu->ws_bytes : 0);
+    if (cpu->bwd_ws) ra_free(cpu->stats, cpu->bwd_ws[t], cpu->bwd_ws[t] ? cpu->bwd_ws_bytes : 0);
   }
   free(cpu->ws);
   free(cpu->bwd_ws);

@@ -9,7 +9,10 @@
 /* Non-finite numbers are exactly those whose exponent bits are all ones. */
 static int row_finite(const void *row, ra_dtype dtype, int64_t d) {
   unsigned bad = 0;
-  if (dtype == RA_FLOAT32) {
+  if (dtype == RA_FLOAT64) {
+    const uint64_t expmask = 0x7ff0000000000000ull, *x = (const uint64_t *)row;
+    for (int64_t c = 0; c < d; c++) bad |= (x[c] & expmask) == expmask;
+  } else if (dtype == RA_FLOAT32) {
     const uint32_t *x = (const uint32_t *)row;
     for (int64_t c = 0; c < d; c++) bad |= (x[c] & 0x7f800000u) == 0x7f800000u;
   } else {

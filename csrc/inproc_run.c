@@ -17,7 +17,7 @@ typedef struct rank_job {
   ra_transport tr;
   int backward;
   ra_tensor q, k, v, o;
-  float *lse;
+  void *lse;             /* float, or double for RA_FLOAT64 */
   int64_t lse_ld;
   ra_tensor dout, dq, dk, dv; /* backward only */
   ra_exec exec;
@@ -100,13 +100,13 @@ static ra_status run_job(void *arg, int rank) {
 }
 
 /* Fill one job per rank with views of its shards and run them. */
-static ra_status run_inproc(const ra_plan *plan, int backward, const ra_tensor *full, float *lse,
+static ra_status run_inproc(const ra_plan *plan, int backward, const ra_tensor *full, void *lse,
                             const ra_exec *exec, ra_stats *stats) {
   if (!plan) return ra_fail(RA_ERR_INVALID_ARGUMENT, "plan is NULL");
   const ra_config *c = &plan->cfg;
   const int ranks = c->world_size;
   const int64_t L = plan->local_len;
-  const size_t es = ra_dtype_size(c->dtype);
+  const size_t es = ra_dtype_size(c->dtype), lse_es = ra_acc_size(c->dtype);
   const int threads = exec && exec->num_threads > 0 ? exec->num_threads : ra_default_num_threads();
   static const char *const names[] = {"q", "k", "v", "dout"};
   if (exec && exec->check_finite) {
@@ -128,7 +128,7 @@ static ra_status run_inproc(const ra_plan *plan, int backward, const ra_tensor *
       j->tr = ra_inproc_transport(world, r);
       j->backward = backward;
       for (int i = 0; i < (backward ? 8 : 4); i++) *views[i] = shard(full[i], r * L, es);
-      j->lse = lse ? lse + r * L : NULL;
+      j->lse = lse ? (char *)lse + (size_t)(r * L) * lse_es : NULL;
       j->lse_ld = c->seq_len;
       j->exec = (ra_exec){threads / ranks > 0 ? threads / ranks : 1, 0}; /* inputs checked above */
       j->stats = &st[r];
@@ -142,14 +142,14 @@ static ra_status run_inproc(const ra_plan *plan, int backward, const ra_tensor *
 }
 
 ra_status ra_inproc_forward(const ra_plan *plan, ra_tensor q, ra_tensor k, ra_tensor v, ra_tensor o,
-                            float *lse, const ra_exec *exec, ra_stats *stats) {
+                            void *lse, const ra_exec *exec, ra_stats *stats) {
   const ra_tensor full[4] = {q, k, v, o};
   return run_inproc(plan, 0, full, lse, exec, stats);
 }
 
 ra_status ra_inproc_backward(const ra_plan *plan, ra_tensor q, ra_tensor k, ra_tensor v, ra_tensor o,
-                             ra_tensor dout, const float *lse, ra_tensor dq, ra_tensor dk, ra_tensor dv,
+                             ra_tensor dout, const void *lse, ra_tensor dq, ra_tensor dk, ra_tensor dv,
                              const ra_exec *exec, ra_stats *stats) {
   const ra_tensor full[8] = {q, k, v, o, dout, dq, dk, dv};
-  return run_inproc(plan, 1, full, (float *)lse, exec, stats);
+  return run_inproc(plan, 1, full, (void *)lse, exec, stats); /* the backward only reads lse */
 }

@@ -44,6 +44,11 @@ ra_run ra_active_run(int64_t segment, int64_t rate, int64_t off,
 /* Bytes of one element of a dtype. */
 size_t ra_dtype_size(ra_dtype dtype);
 
+/* Bytes of one accumulator element of a dtype's computation: 8 (double) for
+ * RA_FLOAT64, 4 (float) otherwise.  The accumulators, the lse state and the
+ * public lse, delta, and the dK/dV carried in ring blocks all use it. */
+size_t ra_acc_size(ra_dtype dtype);
+
 /* ----------------------------------------------------------------- memory */
 
 /* Allocations counted against a rank's ra_stats (64-byte aligned, zeroed
@@ -79,6 +84,12 @@ void ra_cpu_attend(ra_workspace *ws, ra_dtype dtype, int64_t head_dim,
                    ra_tokens k, const void *v, int64_t v_stride, float *acc,
                    int64_t acc_stride, float *lse, int64_t lse_stride);
 
+/* ra_merge_rows in double (the float64 path, merge.c). */
+void ra_merge_rows_f64(double *acc, int64_t acc_stride, double *lse_acc,
+                       int64_t lse_acc_stride, const double *part,
+                       int64_t part_stride, const double *lse_part, int64_t rows,
+                       int64_t dim);
+
 /* Largest number of queries the kernel takes in one call (a query block). */
 #define RA_CPU_BLOCK_Q 256
 
@@ -86,7 +97,13 @@ void ra_cpu_attend(ra_workspace *ws, ra_dtype dtype, int64_t head_dim,
 
 /* The ring driver (ring.c) decides *what* to compute and move; a backend
  * does it in its own memory (host for the CPU, device for CUDA).  All work
- * is described by small task lists in host memory. */
+ * is described by small task lists in host memory.
+ *
+ * Accumulators (acc, lse, delta, dK/dV) are typed float * below, but they
+ * hold ra_acc_size(dtype)-byte elements: doubles for RA_FLOAT64.  So such
+ * a pointer is an opaque base: offsets and strides ("floats" below) count
+ * accumulator elements, and only code that knows the dtype indexes it (the
+ * driver's own arithmetic on these pointers is in bytes). */
 
 /* One (batch, head, window) pair of runs for an attention step.  Offsets
  * are in elements from the batch's base pointers; row t of the run is at
@@ -113,6 +130,7 @@ typedef struct ra_attend_batch {
   int64_t acc_stride, lse_stride;       /* floats between rows of a run    */
   const ra_attend_task *tasks;
   int64_t ntasks;
+  double scale64;                       /* scale unrounded (RA_FLOAT64)    */
 } ra_attend_batch;
 
 /* Copy `count` rows of head_dim elements from src + src (rows src_stride
@@ -145,7 +163,7 @@ typedef struct ra_backward_batch {
   int64_t dkv_stride;
 } ra_backward_batch;
 
-/* Add packed fp32 rows back into strided accumulator rows: task i adds
+/* Add packed accumulator rows back into strided ones: task i adds
  * `count` rows of head_dim floats from src + src (contiguous) to dst + dst
  * (rows dst_stride apart). */
 typedef struct ra_scatter_batch {
@@ -186,29 +204,31 @@ typedef struct ra_backend {
 } ra_backend;
 
 /* The CPU backend: `threads` OpenMP threads, each with a kernel workspace
- * counted in `stats`.  ra_cpu_backend_close frees what open allocated. */
+ * counted in `stats`; RA_FLOAT64 gets the double ops of cpu_double.c.
+ * ra_cpu_backend_close frees what open allocated. */
 typedef struct ra_cpu_backend {
   int threads;
   int64_t head_dim;
-  void **ws, **bwd_ws; /* per thread; bwd_ws only when opened for a backward */
+  void **ws, **bwd_ws; /* per thread; bwd_ws only when opened for an fp32/fp16 backward */
+  size_t ws_bytes, bwd_ws_bytes;
   ra_stats *stats;
 } ra_cpu_backend;
-ra_status ra_cpu_backend_open(ra_cpu_backend *cpu, int threads, int64_t head_dim, int backward,
-                              ra_stats *stats, ra_backend *out);
+ra_status ra_cpu_backend_open(ra_cpu_backend *cpu, ra_dtype dtype, int threads, int64_t head_dim,
+                              int backward, ra_stats *stats, ra_backend *out);
 void ra_cpu_backend_close(ra_cpu_backend *cpu);
 
 /* The backward of one rank: dq, dk, dv (this rank's shards, the inputs'
  * dtype) from q, k, v, o, dout and the forward's final lse (ring.c). */
 ra_status ra_ring_backward_run(const ra_plan *plan, const ra_transport *transport,
                                const ra_backend *backend, ra_tensor q, ra_tensor k,
-                               ra_tensor v, ra_tensor o, ra_tensor dout, const float *lse,
+                               ra_tensor v, ra_tensor o, ra_tensor dout, const void *lse,
                                int64_t lse_ld, ra_tensor dq, ra_tensor dk, ra_tensor dv,
                                ra_stats *stats);
 
 /* One rank of the ring on any backend and transport (ring.c). */
 ra_status ra_ring_run(const ra_plan *plan, const ra_transport *transport,
                       const ra_backend *backend, ra_tensor q, ra_tensor k,
-                      ra_tensor v, ra_tensor o, float *lse, int64_t lse_ld,
+                      ra_tensor v, ra_tensor o, void *lse, int64_t lse_ld,
                       ra_stats *stats);
 
 /* ------------------------------------------------------------ communicators */
@@ -222,7 +242,8 @@ struct ra_comm {
   ra_status (*allgather_host)(ra_comm *comm, const void *send, size_t bytes, void *recv);
   /* allgather of the backend's own memory (device memory for NCCL) */
   ra_status (*allgather)(ra_comm *comm, const void *send, size_t bytes, void *recv);
-  /* run one rank of the ring on this communicator's backend */
+  /* run one rank of the ring on this communicator's backend (lse as in
+   * ra_ring_forward: doubles for RA_FLOAT64 behind the float *) */
   ra_status (*ring)(ra_comm *comm, const ra_plan *plan, ra_tensor q, ra_tensor k, ra_tensor v,
                     ra_tensor o, float *lse, int64_t lse_ld, const ra_exec *exec, ra_stats *stats);
   /* its backward (t: q, k, v, o, dout, dq, dk, dv) */
@@ -239,11 +260,12 @@ struct ra_comm {
 typedef ra_status (*ra_rank_fn)(void *arg, int rank);
 ra_status ra_run_rank_threads(ra_inproc_world *world, int ranks, ra_rank_fn fn, void *arg);
 
-/* One rank of the ring on the CUDA backend over any transport: q, k, v, o
- * and lse are device memory on `device` (used by the NCCL communicator). */
+/* One rank of the ring on the CUDA backend over any transport (used by the
+ * NCCL communicator): the forward (t: q, k, v, o) or the backward (t: q, k,
+ * v, o, dout, dq, dk, dv), all device memory on `device`, as is lse. */
 ra_status ra_cuda_ring_rank(const ra_plan *plan, const ra_transport *transport, int device,
-                            ra_tensor q, ra_tensor k, ra_tensor v, ra_tensor o, float *lse,
-                            int64_t lse_ld, ra_stats *stats);
+                            int backward, const ra_tensor *t, float *lse, int64_t lse_ld,
+                            ra_stats *stats);
 
 /* ------------------------------------------------------------ conversions */
 

@@ -11,23 +11,28 @@
 
 #include "internal.h"
 
-void ra_merge_rows(float *acc, int64_t acc_stride, float *lse_acc,
-                   int64_t lse_acc_stride, const float *part,
-                   int64_t part_stride, const float *lse_part, int64_t rows,
-                   int64_t dim) {
-  for (int64_t t = 0; t < rows; t++) {
-    float *a = acc + t * acc_stride, *la = lse_acc + t * lse_acc_stride;
-    const float *p = part + t * part_stride, lp = lse_part[t];
-    if (lp == -INFINITY) continue;       /* the part saw no keys         */
-    if (*la == -INFINITY) {              /* first keys for this row      */
-      for (int64_t c = 0; c < dim; c++) a[c] = p[c];
-      *la = lp;
-      continue;
-    }
-    float mx = *la > lp ? *la : lp;
-    float wa = expf(*la - mx), wp = expf(lp - mx), sum = wa + wp;
-    float ia = wa / sum, ip = wp / sum;
-    for (int64_t c = 0; c < dim; c++) a[c] = ia * a[c] + ip * p[c];
-    *la = mx + logf(sum);
+/* One definition for both precisions: float (the fp32 accumulators of the
+ * float32/float16 kernels) and double (the float64 path). */
+#define DEFINE_MERGE_ROWS(NAME, T, EXP, LOG)                                  \
+  void NAME(T *acc, int64_t acc_stride, T *lse_acc, int64_t lse_acc_stride,   \
+            const T *part, int64_t part_stride, const T *lse_part,            \
+            int64_t rows, int64_t dim) {                                      \
+    for (int64_t t = 0; t < rows; t++) {                                      \
+      T *a = acc + t * acc_stride, *la = lse_acc + t * lse_acc_stride;        \
+      const T *p = part + t * part_stride, lp = lse_part[t];                  \
+      if (lp == -INFINITY) continue;       /* the part saw no keys    */      \
+      if (*la == -INFINITY) {              /* first keys for this row */      \
+        for (int64_t c = 0; c < dim; c++) a[c] = p[c];                        \
+        *la = lp;                                                             \
+        continue;                                                             \
+      }                                                                       \
+      T mx = *la > lp ? *la : lp;                                             \
+      T wa = EXP(*la - mx), wp = EXP(lp - mx), sum = wa + wp;                 \
+      T ia = wa / sum, ip = wp / sum;                                         \
+      for (int64_t c = 0; c < dim; c++) a[c] = ia * a[c] + ip * p[c];         \
+      *la = mx + LOG(sum);                                                    \
+    }                                                                         \
   }
-}
+
+DEFINE_MERGE_ROWS(ra_merge_rows, float, expf, logf)
+DEFINE_MERGE_ROWS(ra_merge_rows_f64, double, exp, log)

@@ -20,7 +20,15 @@ void ra_config_init(ra_config *cfg) {
   cfg->dtype = RA_FLOAT32;
 }
 
-size_t ra_dtype_size(ra_dtype dtype) { return dtype == RA_FLOAT32 ? 4 : 2; }
+size_t ra_dtype_size(ra_dtype dtype) {
+  switch (dtype) {
+    case RA_FLOAT64: return 8;
+    case RA_FLOAT32: return 4;
+    default: return 2; /* float16, bfloat16 */
+  }
+}
+
+size_t ra_acc_size(ra_dtype dtype) { return dtype == RA_FLOAT64 ? sizeof(double) : sizeof(float); }
 
 ra_run ra_active_run(int64_t segment, int64_t rate, int64_t off,
                      int64_t start, int64_t len) {
@@ -37,7 +45,7 @@ static ra_status check_shape(const ra_config *c) {
   if (c->seq_len < 1) return ra_fail(RA_ERR_INVALID_ARGUMENT, "q: sequence length must be >= 1, got %lld", (long long)c->seq_len);
   if (c->num_heads < 1) return ra_fail(RA_ERR_INVALID_ARGUMENT, "q: number of heads must be >= 1, got %lld", (long long)c->num_heads);
   if (c->head_dim < 1) return ra_fail(RA_ERR_INVALID_ARGUMENT, "q: head dim must be >= 1, got %lld", (long long)c->head_dim);
-  if (c->dtype != RA_FLOAT32 && c->dtype != RA_FLOAT16 && c->dtype != RA_BFLOAT16)
+  if (c->dtype != RA_FLOAT32 && c->dtype != RA_FLOAT16 && c->dtype != RA_BFLOAT16 && c->dtype != RA_FLOAT64)
     return ra_fail(RA_ERR_INVALID_ARGUMENT, "dtype: unknown dtype code %d", (int)c->dtype);
   return RA_OK;
 }

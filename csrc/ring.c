@@ -1,8 +1,9 @@
 /*
  * ring.c -- one rank's share of ring dilated attention.
  *
- * Rank j holds positions [jL, (j+1)L) of q, k, v and o.  It keeps one fp32
- * accumulator row and one log-sum-exp per (batch, position, head) and, for
+ * Rank j holds positions [jL, (j+1)L) of q, k, v and o.  It keeps one
+ * accumulator row and one log-sum-exp per (batch, position, head) -- fp32,
+ * or double for float64 inputs (ra_acc_size) -- and, for
  * each branch, merges into them the attention of its queries over every
  * key block it may see:
  *
@@ -21,7 +22,9 @@
  * the wrap-around link carries nothing.
  *
  * This file decides what to compute and what to move; the backend (CPU or
- * CUDA) computes, the transport (in-process, MPI, NCCL) moves.
+ * CUDA) computes, the transport (in-process, MPI, NCCL) moves.  It never
+ * indexes the accumulators itself: their pointers are bases for the
+ * backend, and any arithmetic on them here is in bytes of ra_acc_size.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -38,6 +41,7 @@ typedef struct rank_ctx {
   ra_stats *stats;
   ra_tensor q, k, v;
   int64_t L, start;      /* local length and first global position */
+  size_t acc_es;         /* bytes of an accumulator / lse element    */
   float *acc, *lse;      /* [b][L][h][d] and [b][h][lse_ld], backend memory */
   int64_t lse_ld;
   /* backward only: acc is dQ, lse the forward's final lse */
@@ -58,7 +62,7 @@ typedef struct kv_source {
   int64_t k_stride_b, v_stride_b, stride_t;
   int64_t window;        /* elements between the first tokens of windows */
   const int64_t *at, *count, *pos0;
-  /* backward: dK/dV accumulators of these keys, floats, same indexing */
+  /* backward: dK/dV accumulators of these keys (accumulator elements) */
   float *dk, *dv;
   int64_t dkv_stride_b, dkv_stride_t, dkv_window;
   const int64_t *dkv_at;
@@ -66,7 +70,7 @@ typedef struct kv_source {
 
 static ra_status check_call(const ra_plan *plan, const ra_transport *tr, const ra_backend *be,
                             ra_tensor q, ra_tensor k, ra_tensor v, ra_tensor o,
-                            float *lse, int64_t lse_ld);
+                            const void *lse, int64_t lse_ld);
 
 /* --------------------------------------------------- counted backend memory */
 
@@ -121,7 +125,7 @@ static ra_status attend_block(rank_ctx *r, int branch, int64_t wlen, int64_t nwi
                        r->q.data, src->k, src->v,
                        rate * r->q.stride_n, src->stride_t, src->stride_t,
                        r->acc, r->lse, rate * H * d, rate,
-                       r->tasks, n};
+                       r->tasks, n, c->scale};
   if (!backward) return r->be->ops->attend(r->be->ctx, &a);
   ra_backward_batch bw = {a, r->dout.data, rate * r->dout.stride_n, r->delta, src->dk, src->dv,
                           src->dkv_stride_t};
@@ -172,20 +176,22 @@ static int64_t packed_layout(const rank_ctx *r, int branch, int64_t start,
 }
 
 /* The packed block as a key/value source.  In the backward a block carries
- * its dK/dV accumulators (fp32, laid out like the keys) after the values. */
+ * its dK/dV accumulators (accumulator elements, laid out like the keys)
+ * after the values. */
 static kv_source packed_source(const rank_ctx *r, void *buf, int64_t elems,
                                const int64_t *at, const int64_t *count, const int64_t *pos0) {
   const int64_t B = r->cfg->batch, per_batch = elems / (2 * B);
-  char *grads = (char *)buf + (size_t)(2 * B * per_batch) * ra_dtype_size(r->cfg->dtype);
-  kv_source src = {buf, (char *)buf + (size_t)(B * per_batch) * ra_dtype_size(r->cfg->dtype),
+  const size_t es = ra_dtype_size(r->cfg->dtype), half = (size_t)(B * per_batch); /* keys, or values */
+  char *grads = (char *)buf + 2 * half * es;
+  kv_source src = {buf, (char *)buf + half * es,
                    per_batch, per_batch, r->cfg->head_dim, 0, at, count, pos0,
-                   (float *)grads, (float *)grads + B * per_batch, per_batch, r->cfg->head_dim, 0, at};
+                   (float *)grads, (float *)(grads + half * r->acc_es), per_batch, r->cfg->head_dim, 0, at};
   return src;
 }
 
 /* Bytes of a packed block of `elems` key+value elements (with dK/dV in the backward). */
 static int64_t block_bytes(const rank_ctx *r, int64_t elems, int backward) {
-  return elems * ((int64_t)ra_dtype_size(r->cfg->dtype) + (backward ? 4 : 0));
+  return elems * (int64_t)(ra_dtype_size(r->cfg->dtype) + (backward ? r->acc_es : 0));
 }
 
 /* Gather this rank's active keys and values of a branch into buf. */
@@ -390,6 +396,7 @@ static ra_status rank_open(rank_ctx *r, const ra_plan *plan, const ra_transport 
   r->v = v;
   r->L = r->lse_ld = plan->local_len;
   r->start = (int64_t)tr->rank * r->L;
+  r->acc_es = ra_acc_size(c->dtype);
   int64_t max_windows = 1;
   for (int b = 0; b < c->num_branches; b++)
     if (plan->branch[b].span == 1 && r->L / plan->branch[b].segment > max_windows)
@@ -466,7 +473,7 @@ static ra_status run_spanning_backward(rank_ctx *r, int branch, int64_t *tables)
 
 ra_status ra_ring_backward_run(const ra_plan *plan, const ra_transport *tr, const ra_backend *be,
                                ra_tensor q, ra_tensor k, ra_tensor v, ra_tensor o, ra_tensor dout,
-                               const float *lse, int64_t lse_ld, ra_tensor dq, ra_tensor dk,
+                               const void *lse, int64_t lse_ld, ra_tensor dq, ra_tensor dk,
                                ra_tensor dv, ra_stats *stats) {
   RA_TRY(check_call(plan, tr, be, q, k, v, o, NULL, 0));
   if (!dout.data) return ra_fail(RA_ERR_INVALID_ARGUMENT, "dout: data is NULL");
@@ -479,13 +486,14 @@ ra_status ra_ring_backward_run(const ra_plan *plan, const ra_transport *tr, cons
     return ra_fail(RA_ERR_UNSUPPORTED, "the %s backend has no backward", be->ops->name);
   const ra_config *c = &plan->cfg;
   const int64_t L = plan->local_len, H = c->num_heads, d = c->head_dim, es = (int64_t)ra_dtype_size(c->dtype);
-  const size_t acc_bytes = (size_t)(c->batch * L * H * d) * sizeof(float);
-  const size_t delta_bytes = (size_t)(c->batch * H * L) * sizeof(float);
+  const int64_t acc_es = (int64_t)ra_acc_size(c->dtype);
+  const size_t acc_bytes = (size_t)(c->batch * L * H * d * acc_es);
+  const size_t delta_bytes = (size_t)(c->batch * H * L * acc_es);
   rank_ctx r;
   /* held: the 8 shards q, k, v, o, dout, dq, dk, dv and the lse */
-  ra_status st = rank_open(&r, plan, tr, be, stats, q, k, v, 8 * c->batch * L * H * d * es + c->batch * H * L * 4);
+  ra_status st = rank_open(&r, plan, tr, be, stats, q, k, v, 8 * c->batch * L * H * d * es + c->batch * H * L * acc_es);
   r.dout = dout;
-  r.lse = (float *)lse; /* read only in the backward */
+  r.lse = (float *)lse; /* read only in the backward; an opaque base (doubles for float64) */
   r.lse_ld = lse_ld;
   float *delta = NULL;
   if (st == RA_OK) {
@@ -519,7 +527,7 @@ ra_status ra_ring_backward_run(const ra_plan *plan, const ra_transport *tr, cons
 
 static ra_status check_call(const ra_plan *plan, const ra_transport *tr, const ra_backend *be,
                             ra_tensor q, ra_tensor k, ra_tensor v, ra_tensor o,
-                            float *lse, int64_t lse_ld) {
+                            const void *lse, int64_t lse_ld) {
   if (!plan) return ra_fail(RA_ERR_INVALID_ARGUMENT, "plan is NULL");
   if (!tr || !tr->ops) return ra_fail(RA_ERR_INVALID_ARGUMENT, "transport is NULL");
   if (!be || !be->ops) return ra_fail(RA_ERR_INVALID_ARGUMENT, "backend is NULL");
@@ -541,17 +549,18 @@ static ra_status check_call(const ra_plan *plan, const ra_transport *tr, const r
 }
 
 ra_status ra_ring_run(const ra_plan *plan, const ra_transport *tr, const ra_backend *be,
-                      ra_tensor q, ra_tensor k, ra_tensor v, ra_tensor o, float *lse,
+                      ra_tensor q, ra_tensor k, ra_tensor v, ra_tensor o, void *lse,
                       int64_t lse_ld, ra_stats *stats) {
   RA_TRY(check_call(plan, tr, be, q, k, v, o, lse, lse_ld));
   const ra_config *c = &plan->cfg;
   const int64_t L = plan->local_len, H = c->num_heads, d = c->head_dim, es = (int64_t)ra_dtype_size(c->dtype);
-  const size_t acc_bytes = (size_t)(c->batch * L * H * d) * sizeof(float);
-  const size_t lse_bytes = (size_t)(c->batch * H * L) * sizeof(float);
+  const int64_t acc_es = (int64_t)ra_acc_size(c->dtype);
+  const size_t acc_bytes = (size_t)(c->batch * L * H * d * acc_es);
+  const size_t lse_bytes = (size_t)(c->batch * H * L * acc_es);
   rank_ctx r;
   /* held: the caller's shards of q, k, v, o (and lse) */
   ra_status st = rank_open(&r, plan, tr, be, stats, q, k, v,
-                           4 * c->batch * L * H * d * es + (lse ? c->batch * H * L * 4 : 0));
+                           4 * c->batch * L * H * d * es + (lse ? c->batch * H * L * acc_es : 0));
   if (st == RA_OK) {
     r.acc = be_alloc(&r, acc_bytes);
     r.lse = be_alloc(&r, lse_bytes);
@@ -572,7 +581,7 @@ ra_status ra_ring_run(const ra_plan *plan, const ra_transport *tr, const ra_back
  * the backward dout, dq, dk, dv): refuse bf16 and, when asked, non-finite
  * inputs; a failed rank tells its peers, so that none waits for it forever. */
 static ra_status cpu_rank(const ra_plan *plan, const ra_transport *tr, int backward, const ra_tensor *t,
-                          float *lse, int64_t lse_ld, const ra_exec *exec, ra_stats *stats) {
+                          void *lse, int64_t lse_ld, const ra_exec *exec, ra_stats *stats) {
   static const char *const names[5] = {"q", "k", "v", "o", "dout"};
   ra_stats local_stats;
   if (!stats) stats = &local_stats;
@@ -589,7 +598,8 @@ static ra_status cpu_rank(const ra_plan *plan, const ra_transport *tr, int backw
   if (st == RA_OK) {
     ra_cpu_backend cpu;
     ra_backend be;
-    st = ra_cpu_backend_open(&cpu, threads, plan ? plan->cfg.head_dim : 1, backward, stats, &be);
+    st = ra_cpu_backend_open(&cpu, plan ? plan->cfg.dtype : RA_FLOAT32, threads, plan ? plan->cfg.head_dim : 1,
+                             backward, stats, &be);
     if (st == RA_OK)
       st = backward ? ra_ring_backward_run(plan, tr, &be, t[0], t[1], t[2], t[3], t[4], lse, lse_ld, t[5], t[6], t[7], stats)
                     : ra_ring_run(plan, tr, &be, t[0], t[1], t[2], t[3], lse, lse_ld, stats);
@@ -601,15 +611,15 @@ static ra_status cpu_rank(const ra_plan *plan, const ra_transport *tr, int backw
 
 ra_status ra_ring_forward(const ra_plan *plan, const ra_transport *tr,
                           ra_tensor q, ra_tensor k, ra_tensor v, ra_tensor o,
-                          float *lse, int64_t lse_ld, const ra_exec *exec,
+                          void *lse, int64_t lse_ld, const ra_exec *exec,
                           ra_stats *stats) {
   const ra_tensor t[4] = {q, k, v, o};
   return cpu_rank(plan, tr, 0, t, lse, lse_ld, exec, stats);
 }
 
 ra_status ra_ring_backward(const ra_plan *plan, const ra_transport *tr, ra_tensor q, ra_tensor k,
-                           ra_tensor v, ra_tensor o, ra_tensor dout, const float *lse, int64_t lse_ld,
+                           ra_tensor v, ra_tensor o, ra_tensor dout, const void *lse, int64_t lse_ld,
                            ra_tensor dq, ra_tensor dk, ra_tensor dv, const ra_exec *exec, ra_stats *stats) {
   const ra_tensor t[8] = {q, k, v, o, dout, dq, dk, dv};
-  return cpu_rank(plan, tr, 1, t, (float *)lse, lse_ld, exec, stats);
+  return cpu_rank(plan, tr, 1, t, (void *)lse, lse_ld, exec, stats); /* the backward only reads lse */
 }

@@ -46,10 +46,16 @@ const char *ra_last_error(void);
 
 /* ------------------------------------------------------------ configuration */
 
+/* The dtype of q, k, v, o (and dout, dq, dk, dv).  float32, float16 and
+ * bfloat16 are computed and accumulated in float32, with a float32 lse.
+ * RA_FLOAT64 is computed in double throughout (accumulators, merge, the
+ * dK/dV that travel the ring) and its lse is double too: for RA_FLOAT64
+ * every `lse` argument below points to doubles. */
 typedef enum ra_dtype {
   RA_FLOAT32 = 0,
   RA_FLOAT16 = 1,
-  RA_BFLOAT16 = 2 /* CUDA backends only */
+  RA_BFLOAT16 = 2, /* CUDA backends only */
+  RA_FLOAT64 = 3   /* CPU backend only   */
 } ra_dtype;
 
 typedef enum ra_mode {
@@ -176,14 +182,15 @@ typedef struct ra_exec {
 
 /* Run one rank of the ring.  q, k, v, o are this rank's shards, holding
  * positions [rank*L, (rank+1)*L).  lse, if not NULL, receives the
- * log-sum-exp of every output row as float32 laid out (batch, head, L),
- * consecutive (batch, head) rows lse_ld floats apart (lse_ld >= L); rows
- * attending to nothing get 0 output and -inf.  Every rank of the transport
- * must make the same call with the same plan.  On failure the rank tells
- * its peers through transport->ops->abort so that none of them hangs. */
+ * log-sum-exp of every output row laid out (batch, head, L), consecutive
+ * (batch, head) rows lse_ld elements apart (lse_ld >= L): float32, or
+ * double for RA_FLOAT64 (hence void *); rows attending to nothing get 0
+ * output and -inf.  Every rank of the transport must make the same call
+ * with the same plan.  On failure the rank tells its peers through
+ * transport->ops->abort so that none of them hangs. */
 ra_status ra_ring_forward(const ra_plan *plan, const ra_transport *transport,
                           ra_tensor q, ra_tensor k, ra_tensor v, ra_tensor o,
-                          float *lse, int64_t lse_ld, const ra_exec *exec,
+                          void *lse, int64_t lse_ld, const ra_exec *exec,
                           ra_stats *stats);
 
 /* The backward of ra_ring_forward on one rank: given this rank's shards of
@@ -193,7 +200,7 @@ ra_status ra_ring_forward(const ra_plan *plan, const ra_transport *transport,
  * sub-rings with their dK/dV accumulators and arrive home complete. */
 ra_status ra_ring_backward(const ra_plan *plan, const ra_transport *transport,
                            ra_tensor q, ra_tensor k, ra_tensor v, ra_tensor o,
-                           ra_tensor dout, const float *lse, int64_t lse_ld,
+                           ra_tensor dout, const void *lse, int64_t lse_ld,
                            ra_tensor dq, ra_tensor dk, ra_tensor dv,
                            const ra_exec *exec, ra_stats *stats);
 
@@ -203,7 +210,7 @@ ra_status ra_ring_backward(const ra_plan *plan, const ra_transport *transport,
  * stats, if not NULL, has world_size entries.  exec->num_threads is shared
  * among the ranks. */
 ra_status ra_inproc_forward(const ra_plan *plan, ra_tensor q, ra_tensor k,
-                            ra_tensor v, ra_tensor o, float *lse,
+                            ra_tensor v, ra_tensor o, void *lse,
                             const ra_exec *exec, ra_stats *stats);
 
 /* ------------------------------------------------------------ communicators */
@@ -265,19 +272,19 @@ ra_status ra_comm_allgather(ra_comm *comm, const void *send, size_t bytes, void 
  * local length, world_size = communicator size); q, k, v, o are this rank's
  * shards (host memory for MPI).  lse as in ra_ring_forward. */
 ra_status ra_comm_forward(const ra_config *cfg, ra_comm *comm, ra_tensor q,
-                          ra_tensor k, ra_tensor v, ra_tensor o, float *lse,
+                          ra_tensor k, ra_tensor v, ra_tensor o, void *lse,
                           int64_t lse_ld, const ra_exec *exec, ra_stats *stats);
 
 /* ra_inproc_forward's backward: full-length tensors, lse (batch, head, n). */
 ra_status ra_inproc_backward(const ra_plan *plan, ra_tensor q, ra_tensor k,
                              ra_tensor v, ra_tensor o, ra_tensor dout,
-                             const float *lse, ra_tensor dq, ra_tensor dk,
+                             const void *lse, ra_tensor dq, ra_tensor dk,
                              ra_tensor dv, const ra_exec *exec, ra_stats *stats);
 
 /* ra_comm_forward's backward (lse as that call wrote it, rows lse_ld apart). */
 ra_status ra_comm_backward(const ra_config *cfg, ra_comm *comm, ra_tensor q,
                            ra_tensor k, ra_tensor v, ra_tensor o, ra_tensor dout,
-                           const float *lse, int64_t lse_ld, ra_tensor dq,
+                           const void *lse, int64_t lse_ld, ra_tensor dq,
                            ra_tensor dk, ra_tensor dv, const ra_exec *exec,
                            ra_stats *stats);
 
@@ -309,8 +316,9 @@ ra_status ra_cuda_merge_rows(float *acc, int64_t acc_stride, float *lse_acc,
  * thread and one CUDA stream pair each, over the in-process transport (the
  * ring exchanges become device-to-device copies that overlap the attention).
  * q, k, v, o are full-length DEVICE tensors of the plan's dtype (RA_FLOAT32,
- * RA_FLOAT16 or RA_BFLOAT16), laid out (b, n, h, d) with the head dimension
- * contiguous; lse (b, h, n) float32 is device memory or NULL.  The inputs
+ * RA_FLOAT16 or RA_BFLOAT16; RA_FLOAT64 is RA_ERR_UNSUPPORTED), laid out
+ * (b, n, h, d) with the head dimension contiguous; lse (b, h, n) float32
+ * is device memory or NULL.  The inputs
  * are read after the work already enqueued on `stream` (a cudaStream_t;
  * NULL is the default stream); the call returns when o and lse are written.
  * stats, if not NULL, has world_size entries (bytes are device bytes).
@@ -318,6 +326,16 @@ ra_status ra_cuda_merge_rows(float *acc, int64_t acc_stride, float *lse_acc,
  * RA_ERR_UNSUPPORTED in a build without CUDA. */
 ra_status ra_cuda_forward(const ra_plan *plan, ra_tensor q, ra_tensor k, ra_tensor v,
                           ra_tensor o, float *lse, void *stream, ra_stats *stats);
+
+/* The backward of ra_cuda_forward on the same ranks and ring schedule (as
+ * ra_inproc_backward on the CPU): dq, dk, dv (full-length device tensors of
+ * the inputs' dtype) <- the gradients for the output gradient dout, given
+ * the forward's o and lse (device memory, required).  Gradients are
+ * accumulated in fp32 and written once at the end.  RA_ERR_UNSUPPORTED in a
+ * build without CUDA. */
+ra_status ra_cuda_backward(const ra_plan *plan, ra_tensor q, ra_tensor k, ra_tensor v,
+                           ra_tensor o, ra_tensor dout, const float *lse, ra_tensor dq,
+                           ra_tensor dk, ra_tensor dv, void *stream, ra_stats *stats);
 
 /* ------------------------------------------------------------------- threads */
 

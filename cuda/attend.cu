@@ -17,82 +17,13 @@
  * padded products are exact zeros.  Dilation is only strides: token t of a
  * run is row base + t * stride.
  *
- * fp16 and bf16 inputs, head dims 64 and 128, accumulation in fp32.
+ * fp16 and bf16 inputs, head dims 64 and 128, accumulation in fp32.  The tile
+ * loads and warp products are shared with the backward (mma_tile.cuh).
  */
 #include <limits.h>
 
 #include "attend.cuh"
-#include "ptx.cuh"
-
-#define MMA_WARPS 4
-#define MMA_THREADS (MMA_WARPS * 32)
-#define MMA_BQ (MMA_WARPS * 16) /* queries per block      */
-#define MMA_BK 64               /* keys per tile          */
-#define MMA_PAD 8               /* elements of padding per shared-memory row:
-                                   16 bytes shift the eight rows an ldmatrix
-                                   phase reads onto distinct banks */
-
-/* Copy rows [0, 64) of a run (row r at src + r * stride, D elements) into a
- * shared tile of rows D + MMA_PAD long; rows >= `rows` become zeros.  `safe`
- * is any valid global address (not read) for the zero-filled chunks. */
-template <typename T, int D>
-__device__ __forceinline__ void load_tile_async(T *tile, const T *src, int64_t stride, int rows,
-                                                const T *safe) {
-  constexpr int ROW = D + MMA_PAD, CHUNKS = D / 8; /* 16-byte chunks per row */
-  for (int c = threadIdx.x; c < 64 * CHUNKS; c += MMA_THREADS) {
-    const int r = c / CHUNKS, ch = c % CHUNKS;
-    const bool ok = r < rows;
-    cp_async_16(smem_addr(tile + r * ROW + ch * 8), ok ? src + r * stride + ch * 8 : safe,
-                ok ? 16 : 0);
-  }
-}
-
-/* s[nb] (8 n-blocks of 8 keys) = this warp's 16 queries . the 64 keys of
- * the tile.  One ldmatrix.x4 yields the B fragments of two n-blocks for one
- * k-step: matrices 0, 1 = keys 0-7 of the pair at dims +0 / +8 (b0, b1 of
- * the first block), matrices 2, 3 = keys 8-15 (b0, b1 of the second). */
-template <typename T, int D>
-__device__ __forceinline__ void tile_scores(float s[MMA_BK / 8][4], const uint32_t qf[D / 16][4],
-                                            const T *sk, int lane) {
-  constexpr int ROW = D + MMA_PAD;
-  const int mi = lane >> 3, r = lane & 7;
-#pragma unroll
-  for (int nb = 0; nb < MMA_BK / 8; nb++) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.0f;
-#pragma unroll
-  for (int kk = 0; kk < D / 16; kk++)
-#pragma unroll
-    for (int np = 0; np < MMA_BK / 16; np++) {
-      uint32_t b[4];
-      ldmatrix_x4(b, smem_addr(sk + (np * 16 + (mi >> 1) * 8 + r) * ROW + kk * 16 + (mi & 1) * 8));
-      mma_16816<T>(s[2 * np], qf[kk], b[0], b[1]);
-      mma_16816<T>(s[2 * np + 1], qf[kk], b[2], b[3]);
-    }
-}
-
-/* o += P V for the tile.  P's accumulator layout (rows g, g+8; keys 2t, 2t+1
- * of each n-block) is the A layout of the next mma once two n-blocks are
- * paired per k-step of 16 keys.  ldmatrix.trans of V (stored key-major)
- * gives B: matrices 0, 1 = keys +0 / +8 at dims 0-7 of the pair (b0, b1 of
- * the first output block), matrices 2, 3 = the same keys at dims 8-15. */
-template <typename T, int D>
-__device__ __forceinline__ void tile_accumulate(float o[D / 8][4], const float p[MMA_BK / 8][4],
-                                                const T *sv, int lane) {
-  constexpr int ROW = D + MMA_PAD;
-  const int mi = lane >> 3, r = lane & 7;
-#pragma unroll
-  for (int kk = 0; kk < MMA_BK / 16; kk++) {
-    const uint32_t pa[4] = {pack2<T>(p[2 * kk][0], p[2 * kk][1]), pack2<T>(p[2 * kk][2], p[2 * kk][3]),
-                            pack2<T>(p[2 * kk + 1][0], p[2 * kk + 1][1]),
-                            pack2<T>(p[2 * kk + 1][2], p[2 * kk + 1][3])};
-#pragma unroll
-    for (int np = 0; np < D / 16; np++) {
-      uint32_t b[4];
-      ldmatrix_x4_trans(b, smem_addr(sv + (kk * 16 + (mi & 1) * 8 + r) * ROW + np * 16 + (mi >> 1) * 8));
-      mma_16816<T>(o[2 * np], pa, b[0], b[1]);
-      mma_16816<T>(o[2 * np + 1], pa, b[2], b[3]);
-    }
-  }
-}
+#include "mma_tile.cuh"
 
 /* Online softmax step for the two rows a thread holds (h = 0: row g, h = 1:
  * row g + 8).  Scores become probabilities relative to the new running max;

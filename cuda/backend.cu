@@ -4,15 +4,18 @@
  * The ops of ra_backend_ops (csrc/internal.h; csrc/cpu_backend.c is the
  * reference for each) on device memory: everything is enqueued on the
  * backend's compute stream, and sync() waits for it.  The small kernels for
- * the state, packing and output conversion live here; attention is in
- * attend.cu / attend_simt.cu.
+ * the state, packing, output conversion and the backward's row dots and
+ * scatters live here; attention is in attend.cu / attend_simt.cu and its
+ * backward in backward.cu / backward_simt.cu.
  */
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "attend.cuh" /* to_float */
 #include "cuda_backend.h"
 
 ra_status ra_cuda_fail(cudaError_t err, const char *what) {
@@ -72,58 +75,118 @@ __global__ void store_kernel(const float *acc, T *o, int64_t L, int64_t H, int64
   }
 }
 
+/* delta[(bb * H + h) * ld + p] = sum_c dout . o over one row, a warp per
+ * row (b, L, h, d with each tensor's strides), summed in fp32 lanes and
+ * then across the warp. */
+template <typename T>
+__global__ void row_dot_kernel(const T *dout, const T *o, float *delta, int64_t L, int64_t H, int64_t d,
+                               int64_t gb, int64_t gn, int64_t gh, int64_t ob, int64_t on, int64_t oh,
+                               int64_t ld, int64_t rows) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = (int64_t)gridDim.x * (blockDim.x / 32);
+  for (int64_t row = blockIdx.x * (int64_t)(blockDim.x / 32) + threadIdx.x / 32; row < rows; row += warps) {
+    const int64_t p = row % L, h = (row / L) % H, bb = row / L / H;
+    const T *g = dout + bb * gb + p * gn + h * gh;
+    const T *x = o + bb * ob + p * on + h * oh;
+    float sum = 0.0f;
+    for (int64_t c = lane; c < d; c += 32) sum += to_float<T>(g[c]) * to_float<T>(x[c]);
+    for (int off = 16; off; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+    if (lane == 0) delta[(bb * H + h) * ld + p] = sum;
+  }
+}
+
+/* Scatter-add: for each copy task (blockIdx.x), dst + t.dst + r * dst_stride
+ * += src + t.src + r * d, row by row (fp32).  Rows of one call never
+ * overlap, so plain adds suffice. */
+__global__ void scatter_add_kernel(const float *src, float *dst, int64_t dst_stride, int64_t d,
+                                   const ra_copy_task *tasks) {
+  const ra_copy_task t = tasks[blockIdx.x];
+  for (int64_t r0 = (int64_t)blockIdx.y * GATHER_ROWS; r0 < t.count; r0 += (int64_t)gridDim.y * GATHER_ROWS)
+    for (int64_t e = threadIdx.x; e < GATHER_ROWS * d; e += blockDim.x) {
+      const int64_t r = r0 + e / d, c = e % d;
+      if (r < t.count) dst[t.dst + r * dst_stride + c] += src[t.src + r * d + c];
+    }
+}
+
+/* ------------------------------------------------------------------ memory */
+
+/* Device memory comes from one stream-ordered pool per device, private to
+ * ringattn: cudaMallocAsync / cudaFreeAsync on the compute stream neither
+ * synchronize the device (cudaFree does, which would serialize the ranks
+ * sharing a GPU) nor go back to the driver on every call, since the pool
+ * keeps what was freed (release threshold: unlimited) for the next call,
+ * much as PyTorch's caching allocator does. */
+#define RA_MAX_DEVICES 64
+static cudaMemPool_t pools[RA_MAX_DEVICES];
+static pthread_mutex_t pools_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static ra_status device_pool(cudaMemPool_t *out) {
+  int device = 0;
+  RA_CUDA_TRY(cudaGetDevice(&device), "memory pool: device");
+  if (device < 0 || device >= RA_MAX_DEVICES)
+    return ra_fail(RA_ERR_UNSUPPORTED, "memory pool: device %d beyond the first %d", device, RA_MAX_DEVICES);
+  pthread_mutex_lock(&pools_mu);
+  cudaError_t err = cudaSuccess;
+  if (!pools[device]) {
+    cudaMemPoolProps props;
+    memset(&props, 0, sizeof props);
+    props.allocType = cudaMemAllocationTypePinned;
+    props.location.type = cudaMemLocationTypeDevice;
+    props.location.id = device;
+    cudaMemPool_t pool;
+    err = cudaMemPoolCreate(&pool, &props);
+    if (err == cudaSuccess) {
+      uint64_t keep = UINT64_MAX;
+      err = cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep);
+      if (err == cudaSuccess) pools[device] = pool;
+      else cudaMemPoolDestroy(pool);
+    }
+  }
+  *out = pools[device];
+  pthread_mutex_unlock(&pools_mu);
+  RA_CUDA_TRY(err, "memory pool");
+  return RA_OK;
+}
+
+/* `bytes` of device memory usable on cb->stream from here on. */
+static ra_status pool_alloc(ra_cuda_backend *cb, size_t bytes, void **out) {
+  *out = NULL;
+  RA_CUDA_TRY(cudaMallocFromPoolAsync(out, bytes ? bytes : 1, cb->pool, cb->stream), "device allocation");
+  return RA_OK;
+}
+
 /* ---------------------------------------------------------------- task lists */
 
-/* Put a host task list on the device (into cb->list) through the pinned
- * staging buffer; the copy is ordered on the compute stream, so the kernel
- * launched next sees it and the one before has finished with the old list.
- * The staging buffer is rewritten only after its previous upload is done. */
+/* Put a host task list on the device (into cb->list).  The copy is ordered
+ * on the compute stream, so the kernel launched next sees it and the one
+ * before has finished with the old list; from pageable memory the copy
+ * stages the bytes before returning, so the host list may change at once. */
 static ra_status upload(ra_cuda_backend *cb, const void *host, size_t bytes) {
   if (bytes > cb->list_cap) {
     const size_t cap = bytes > 2 * cb->list_cap ? bytes : 2 * cb->list_cap;
-    RA_CUDA_TRY(cudaStreamSynchronize(cb->stream), "task list"); /* old list no longer read */
-    if (cb->list) {
-      cudaFree(cb->list);
+    if (cb->list) { /* freed in stream order: the kernels before still read it */
+      cudaFreeAsync(cb->list, cb->stream);
       ra_release(cb->stats, (int64_t)cb->list_cap);
       cb->list = NULL;
       cb->list_cap = 0;
     }
-    RA_CUDA_TRY(cudaMalloc(&cb->list, cap), "task list: device buffer");
+    RA_TRY(pool_alloc(cb, cap, &cb->list));
     cb->list_cap = cap;
     ra_hold(cb->stats, (int64_t)cap);
   }
-  RA_CUDA_TRY(cudaEventSynchronize(cb->staged), "task list");
-  if (bytes > cb->staging_cap) {
-    const size_t cap = bytes > 2 * cb->staging_cap ? bytes : 2 * cb->staging_cap;
-    if (cb->staging) cudaFreeHost(cb->staging);
-    cb->staging = NULL;
-    cb->staging_cap = 0;
-    RA_CUDA_TRY(cudaMallocHost(&cb->staging, cap), "task list: pinned staging buffer");
-    cb->staging_cap = cap;
-  }
-  memcpy(cb->staging, host, bytes);
-  RA_CUDA_TRY(cudaMemcpyAsync(cb->list, cb->staging, bytes, cudaMemcpyHostToDevice, cb->stream),
-              "task list upload");
-  RA_CUDA_TRY(cudaEventRecord(cb->staged, cb->stream), "task list upload");
+  RA_CUDA_TRY(cudaMemcpyAsync(cb->list, host, bytes, cudaMemcpyHostToDevice, cb->stream), "task list upload");
   return RA_OK;
 }
 
 /* ---------------------------------------------------------------------- ops */
 
 static void *cuda_alloc(void *ctx, size_t bytes) {
-  (void)ctx;
   void *p = NULL;
-  cudaError_t err = cudaMalloc(&p, bytes ? bytes : 1); /* a 0-byte block is still a block */
-  if (err != cudaSuccess) {
-    ra_cuda_fail(err, "device allocation");
-    return NULL;
-  }
-  return p;
+  return pool_alloc((ra_cuda_backend *)ctx, bytes, &p) == RA_OK ? p : NULL;
 }
 
 static void cuda_free(void *ctx, void *ptr) {
-  (void)ctx;
-  if (ptr) cudaFree(ptr);
+  if (ptr) cudaFreeAsync(ptr, ((ra_cuda_backend *)ctx)->stream);
 }
 
 static ra_status cuda_init_state(void *ctx, float *acc, int64_t acc_n, float *lse, int64_t lse_n) {
@@ -191,13 +254,55 @@ static ra_status cuda_store(void *ctx, const ra_config *c, int64_t L, const floa
   return RA_OK;
 }
 
+static ra_status cuda_row_dot(void *ctx, const ra_config *c, int64_t L, ra_tensor dout, ra_tensor o,
+                              float *delta, int64_t ld) {
+  ra_cuda_backend *cb = (ra_cuda_backend *)ctx;
+  const int64_t H = c->num_heads, d = c->head_dim, rows = c->batch * H * L;
+  const unsigned blocks = grid_for(rows * 32);
+#define ROW_DOT(T)                                                                                  \
+  row_dot_kernel<T><<<blocks, 256, 0, cb->stream>>>((const T *)dout.data, (const T *)o.data, delta, L, H, d, \
+                                                    dout.stride_b, dout.stride_n, dout.stride_h, o.stride_b,  \
+                                                    o.stride_n, o.stride_h, ld, rows)
+  switch (c->dtype) {
+    case RA_FLOAT16: ROW_DOT(__half); break;
+    case RA_BFLOAT16: ROW_DOT(__nv_bfloat16); break;
+    default: ROW_DOT(float);
+  }
+#undef ROW_DOT
+  RA_CUDA_TRY(cudaGetLastError(), "row dot kernel launch");
+  return RA_OK;
+}
+
+static ra_status cuda_attend_backward(void *ctx, const ra_backward_batch *b) {
+  ra_cuda_backend *cb = (ra_cuda_backend *)ctx;
+  if (b->a.ntasks == 0) return RA_OK;
+  RA_TRY(upload(cb, b->a.tasks, sizeof(ra_attend_task) * (size_t)b->a.ntasks));
+  return ra_cuda_attend_backward(b, (const ra_attend_task *)cb->list, cb->allow_mma, cb->stream);
+}
+
+static ra_status cuda_scatter_add(void *ctx, const ra_scatter_batch *sc) {
+  ra_cuda_backend *cb = (ra_cuda_backend *)ctx;
+  int64_t max_count = 0;
+  for (int64_t i = 0; i < sc->ntasks; i++)
+    if (sc->tasks[i].count > max_count) max_count = sc->tasks[i].count;
+  if (sc->ntasks == 0 || max_count == 0) return RA_OK;
+  if (sc->ntasks > 2147483647LL) return ra_fail(RA_ERR_UNSUPPORTED, "scatter: too many copy tasks");
+  RA_TRY(upload(cb, sc->tasks, sizeof(ra_copy_task) * (size_t)sc->ntasks));
+  const int64_t chunks = (max_count + GATHER_ROWS - 1) / GATHER_ROWS;
+  const dim3 grid((unsigned)sc->ntasks, (unsigned)(chunks < 65535 ? chunks : 65535));
+  scatter_add_kernel<<<grid, 128, 0, cb->stream>>>(sc->src, sc->dst, sc->dst_stride, sc->head_dim,
+                                                   (const ra_copy_task *)cb->list);
+  RA_CUDA_TRY(cudaGetLastError(), "scatter kernel launch");
+  return RA_OK;
+}
+
 static ra_status cuda_sync(void *ctx) {
   ra_cuda_backend *cb = (ra_cuda_backend *)ctx;
   RA_CUDA_TRY(cudaStreamSynchronize(cb->stream), "CUDA backend");
   return RA_OK;
 }
 
-/* By field name, so that ops this backend lacks (the backward) stay NULL. */
+/* By field name, in the order of ra_backend_ops. */
 static ra_backend_ops cuda_ops_init(void) {
   ra_backend_ops ops = {};
   ops.name = "cuda";
@@ -208,6 +313,9 @@ static ra_backend_ops cuda_ops_init(void) {
   ops.attend = cuda_attend;
   ops.store = cuda_store;
   ops.sync = cuda_sync;
+  ops.row_dot = cuda_row_dot;
+  ops.attend_backward = cuda_attend_backward;
+  ops.scatter_add = cuda_scatter_add;
   return ops;
 }
 
@@ -221,8 +329,8 @@ ra_status ra_cuda_backend_open(ra_cuda_backend *cb, ra_stats *stats, cudaEvent_t
   cb->stats = stats;
   const char *kernel = getenv("RINGATTN_CUDA_KERNEL");
   cb->allow_mma = !(kernel && strcmp(kernel, "simt") == 0);
+  RA_TRY(device_pool(&cb->pool));
   RA_CUDA_TRY(cudaStreamCreateWithFlags(&cb->stream, cudaStreamNonBlocking), "CUDA backend: stream");
-  RA_CUDA_TRY(cudaEventCreateWithFlags(&cb->staged, cudaEventDisableTiming), "CUDA backend: event");
   if (inputs_ready) RA_CUDA_TRY(cudaStreamWaitEvent(cb->stream, inputs_ready, 0), "CUDA backend: input event");
   out->ops = &cuda_ops;
   out->ctx = cb;
@@ -232,11 +340,12 @@ ra_status ra_cuda_backend_open(ra_cuda_backend *cb, ra_stats *stats, cudaEvent_t
 void ra_cuda_backend_close(ra_cuda_backend *cb) {
   if (cb->stream) cudaStreamSynchronize(cb->stream); /* nothing may still use the buffers */
   if (cb->list) {
-    cudaFree(cb->list);
+    cudaFreeAsync(cb->list, cb->stream);
     ra_release(cb->stats, (int64_t)cb->list_cap);
   }
-  if (cb->staging) cudaFreeHost(cb->staging);
-  if (cb->staged) cudaEventDestroy(cb->staged);
-  if (cb->stream) cudaStreamDestroy(cb->stream);
+  if (cb->stream) {
+    cudaStreamSynchronize(cb->stream);
+    cudaStreamDestroy(cb->stream);
+  }
   memset(cb, 0, sizeof *cb);
 }

@@ -4,8 +4,8 @@
  *
  * Everything a backend does is enqueued on its compute stream; sync()
  * waits for that stream.  The driver's task lists live in host memory and
- * are uploaded per call through a pinned staging buffer into a growable
- * device buffer.
+ * are uploaded per call into a growable device buffer.  Device memory is
+ * allocated and freed in stream order from a pool ringattn keeps per device.
  */
 #ifndef RINGATTN_CUDA_BACKEND_H
 #define RINGATTN_CUDA_BACKEND_H
@@ -30,9 +30,7 @@ ra_status ra_cuda_fail(cudaError_t err, const char *what);
 /* One rank's backend state on the current device. */
 struct ra_cuda_backend {
   cudaStream_t stream;  /* compute: every kernel and copy of the backend    */
-  cudaEvent_t staged;   /* recorded after the last upload out of `staging`  */
-  void *staging;        /* pinned host copy of the current task list        */
-  size_t staging_cap;
+  cudaMemPool_t pool;   /* ringattn's stream-ordered pool on this device     */
   void *list;           /* device copy of the current task list             */
   size_t list_cap;
   int allow_mma;        /* 0: always the SIMT attention kernel (testing)    */
@@ -53,6 +51,12 @@ void ra_cuda_backend_close(ra_cuda_backend *cb);
  * kernel when allow_mma and the batch qualifies, else the SIMT kernel. */
 ra_status ra_cuda_attend(const ra_attend_batch *a, const ra_attend_task *dev_tasks, int allow_mma,
                          cudaStream_t stream);
+
+/* The backward of batch `b` (list on the device at dev_tasks): the dK/dV
+ * pass, then the dQ pass, both on `stream`; tensor cores when allow_mma and
+ * the batch qualifies (fp16/bf16, head dim 64 or 128, aligned), else SIMT. */
+ra_status ra_cuda_attend_backward(const ra_backward_batch *b, const ra_attend_task *dev_tasks, int allow_mma,
+                                  cudaStream_t stream);
 
 /* RA_OK when the CUDA backend can attend with this head dim and dtype. */
 ra_status ra_cuda_check_head_dim(int64_t head_dim);

@@ -18,8 +18,9 @@
 typedef struct rank_job {
   const ra_plan *plan;
   ra_transport tr;
-  ra_tensor q, k, v, o;
-  float *lse;
+  int backward;
+  ra_tensor t[8];           /* q, k, v, o, and for the backward dout, dq, dk, dv */
+  float *lse;               /* written by the forward, read by the backward      */
   int64_t lse_ld;
   int device;
   cudaEvent_t inputs_ready; /* recorded on the caller's stream */
@@ -36,13 +37,22 @@ static ra_status device_copy(void *ctx, int rank, void *dst, const void *src, si
   return RA_OK;
 }
 
+/* The driver's forward or backward on one rank's CUDA backend. */
+static ra_status ring_on_backend(const rank_job *j, const ra_backend *be) {
+  const ra_tensor *t = j->t;
+  if (j->backward)
+    return ra_ring_backward_run(j->plan, &j->tr, be, t[0], t[1], t[2], t[3], t[4], j->lse, j->lse_ld, t[5],
+                                t[6], t[7], j->stats);
+  return ra_ring_run(j->plan, &j->tr, be, t[0], t[1], t[2], t[3], j->lse, j->lse_ld, j->stats);
+}
+
 static ra_status run_rank(rank_job *j) {
   RA_CUDA_TRY(cudaSetDevice(j->device), "rank thread: device");
   RA_CUDA_TRY(cudaStreamCreateWithFlags(&j->comm, cudaStreamNonBlocking), "rank thread: stream");
   ra_cuda_backend cb;
   ra_backend be;
   ra_status st = ra_cuda_backend_open(&cb, j->stats, j->inputs_ready, &be);
-  if (st == RA_OK) st = ra_ring_run(j->plan, &j->tr, &be, j->q, j->k, j->v, j->o, j->lse, j->lse_ld, j->stats);
+  if (st == RA_OK) st = ring_on_backend(j, &be);
   ra_cuda_backend_close(&cb);
   cudaStreamDestroy(j->comm);
   return st;
@@ -69,22 +79,34 @@ static ra_status check_device_ptr(const void *p, const char *name) {
   return RA_OK;
 }
 
-extern "C" ra_status ra_cuda_forward(const ra_plan *plan, ra_tensor q, ra_tensor k, ra_tensor v,
-                                     ra_tensor o, float *lse, void *stream, ra_stats *stats) {
+/* float64 is a CPU-only dtype (double accumulators, cpu_double.c): the
+ * kernels here are fp32/fp16/bf16. */
+static ra_status check_dtype(ra_dtype dtype) {
+  if (dtype == RA_FLOAT64)
+    return ra_fail(RA_ERR_UNSUPPORTED, "dtype: float64 is supported by the CPU backend only");
+  return RA_OK;
+}
+
+static const char *const tensor_names[8] = {"q", "k", "v", "out", "dout", "dq", "dk", "dv"};
+
+/* Every rank of `plan` on the current device, one thread each: the forward
+ * (t: q, k, v, o) or the backward (t: q, k, v, o, dout, dq, dk, dv), all
+ * full-length device tensors of which rank r uses rows [r L, (r+1) L). */
+static ra_status run_ranks(const ra_plan *plan, int backward, const ra_tensor *t, float *lse, void *stream,
+                           ra_stats *stats, const char *who) {
   if (!plan) return ra_fail(RA_ERR_INVALID_ARGUMENT, "plan is NULL");
   const ra_config *c = &plan->cfg;
-  const int ranks = c->world_size;
+  const int ranks = c->world_size, count = backward ? 8 : 4;
   const int64_t L = plan->local_len;
   const size_t es = ra_dtype_size(c->dtype);
+  RA_TRY(check_dtype(c->dtype));
   RA_TRY(ra_cuda_check_head_dim(c->head_dim));
-  if (ra_cuda_device_count() == 0) return ra_fail(RA_ERR_UNSUPPORTED, "ra_cuda_forward: no CUDA device");
+  if (ra_cuda_device_count() == 0) return ra_fail(RA_ERR_UNSUPPORTED, "%s: no CUDA device", who);
   int device = 0;
-  RA_CUDA_TRY(cudaGetDevice(&device), "ra_cuda_forward: no usable CUDA device");
-  RA_TRY(check_device_ptr(q.data, "q"));
-  RA_TRY(check_device_ptr(k.data, "k"));
-  RA_TRY(check_device_ptr(v.data, "v"));
-  RA_TRY(check_device_ptr(o.data, "out"));
+  RA_CUDA_TRY(cudaGetDevice(&device), "no usable CUDA device");
+  for (int i = 0; i < count; i++) RA_TRY(check_device_ptr(t[i].data, tensor_names[i]));
   RA_TRY(check_device_ptr(lse, "lse"));
+  if (backward && !lse) return ra_fail(RA_ERR_INVALID_ARGUMENT, "lse: the backward needs the forward's lse");
 
   rank_job *jobs = (rank_job *)calloc((size_t)ranks, sizeof *jobs);
   ra_stats *st = stats ? stats : (ra_stats *)calloc((size_t)ranks, sizeof *st);
@@ -103,7 +125,7 @@ extern "C" ra_status ra_cuda_forward(const ra_plan *plan, ra_tensor q, ra_tensor
     cudaError_t err = cudaEventCreateWithFlags(&ready, cudaEventDisableTiming);
     if (err == cudaSuccess) err = cudaEventRecord(ready, (cudaStream_t)stream);
     if (err != cudaSuccess) {
-      result = ra_cuda_fail(err, "ra_cuda_forward: input event");
+      result = ra_cuda_fail(err, "input event");
       goto done;
     }
   }
@@ -111,10 +133,8 @@ extern "C" ra_status ra_cuda_forward(const ra_plan *plan, ra_tensor q, ra_tensor
     rank_job *j = &jobs[r];
     j->plan = plan;
     j->tr = ra_inproc_transport(world, r);
-    j->q = shard(q, r * L, es);
-    j->k = shard(k, r * L, es);
-    j->v = shard(v, r * L, es);
-    j->o = shard(o, r * L, es);
+    j->backward = backward;
+    for (int i = 0; i < count; i++) j->t[i] = shard(t[i], r * L, es);
     j->lse = lse ? lse + r * L : NULL;
     j->lse_ld = c->seq_len;
     j->device = device;
@@ -132,24 +152,48 @@ done:
   return result;
 }
 
+extern "C" ra_status ra_cuda_forward(const ra_plan *plan, ra_tensor q, ra_tensor k, ra_tensor v,
+                                     ra_tensor o, float *lse, void *stream, ra_stats *stats) {
+  const ra_tensor t[4] = {q, k, v, o};
+  return run_ranks(plan, 0, t, lse, stream, stats, "ra_cuda_forward");
+}
+
+extern "C" ra_status ra_cuda_backward(const ra_plan *plan, ra_tensor q, ra_tensor k, ra_tensor v,
+                                      ra_tensor o, ra_tensor dout, const float *lse, ra_tensor dq,
+                                      ra_tensor dk, ra_tensor dv, void *stream, ra_stats *stats) {
+  const ra_tensor t[8] = {q, k, v, o, dout, dq, dk, dv};
+  return run_ranks(plan, 1, t, (float *)lse, stream, stats, "ra_cuda_backward");
+}
+
 /* One rank of a distributed ring (the NCCL communicator): this process's
- * shards on `device`, the blocks moving over `transport`. */
+ * shards on `device`, the blocks moving over `transport`; t as in
+ * run_ranks (4 tensors, or 8 with backward). */
 extern "C" ra_status ra_cuda_ring_rank(const ra_plan *plan, const ra_transport *transport, int device,
-                                       ra_tensor q, ra_tensor k, ra_tensor v, ra_tensor o, float *lse,
-                                       int64_t lse_ld, ra_stats *stats) {
+                                       int backward, const ra_tensor *t, float *lse, int64_t lse_ld,
+                                       ra_stats *stats) {
   if (!plan) return ra_fail(RA_ERR_INVALID_ARGUMENT, "plan is NULL");
+  RA_TRY(check_dtype(plan->cfg.dtype));
   RA_TRY(ra_cuda_check_head_dim(plan->cfg.head_dim));
   RA_CUDA_TRY(cudaSetDevice(device), "ra_cuda_ring_rank: device");
-  const void *ptrs[5] = {q.data, k.data, v.data, o.data, lse};
-  static const char *const names[5] = {"q", "k", "v", "out", "lse"};
-  for (int i = 0; i < 5; i++) RA_TRY(check_device_ptr(ptrs[i], names[i]));
+  for (int i = 0; i < (backward ? 8 : 4); i++) RA_TRY(check_device_ptr(t[i].data, tensor_names[i]));
+  RA_TRY(check_device_ptr(lse, "lse"));
   ra_stats local;
   if (!stats) stats = &local;
   memset(stats, 0, sizeof *stats);
+  rank_job j;
+  memset(&j, 0, sizeof j);
+  j.plan = plan;
+  j.tr = *transport;
+  j.backward = backward;
+  memcpy(j.t, t, sizeof(ra_tensor) * (backward ? 8 : 4));
+  j.lse = lse;
+  j.lse_ld = lse_ld;
+  j.device = device;
+  j.stats = stats;
   ra_cuda_backend cb;
   ra_backend be;
   ra_status st = ra_cuda_backend_open(&cb, stats, NULL, &be);
-  if (st == RA_OK) st = ra_ring_run(plan, transport, &be, q, k, v, o, lse, lse_ld, stats);
+  if (st == RA_OK) st = ring_on_backend(&j, &be);
   ra_cuda_backend_close(&cb);
   return st;
 }

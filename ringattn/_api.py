@@ -27,7 +27,7 @@ def _run(q, k, v, segs, rates, causal, mode, scale, world_size, nan_policy, num_
     q, k, v = check.qkv(q, k, v)
     out = check.out_array(out, q)
     b, n, h, _ = q.shape
-    lse = np.empty((b, h, n), dtype=np.float32) if return_lse else None
+    lse = np.empty((b, h, n), dtype=check.lse_dtype(q.dtype)) if return_lse else None
     threads = check.num_threads(num_threads) or _threads["n"]
     stats = _core.run(comm=None, backward=False, q=q, k=k, v=v, out=out, lse=lse, dout=None, dq=None,
                       dk=None, dv=None, segment_lengths=segs, dilation_rates=rates, causal=bool(causal),
@@ -36,19 +36,29 @@ def _run(q, k, v, segs, rates, causal, mode, scale, world_size, nan_policy, num_
     return (out, lse) if return_lse else out, stats
 
 
+def _host_only(comm, **arrays):
+    """An MPI communicator runs on the CPU: refuse CUDA arrays by name."""
+    for name, x in arrays.items():
+        if x is not None and _device.classify(x) == "cuda":
+            raise TypeError(f"{name} is a CUDA array but the {comm.backend.upper()} communicator runs on the CPU; "
+                            "pass NumPy arrays, or use Communicator.nccl() for GPU arrays")
+
+
 def _backward(q, k, v, o, lse, dout, segs, rates, causal, mode, scale, world_size, nan_policy,
-              num_threads, comm=None):
+              num_threads, comm=None, device=None):
     """(dq, dk, dv) and per-rank stats; with comm, everything is this rank's shard."""
+    if comm is None and _device.wants_gpu(device, q, k, v, o=o, lse=lse, dout=dout):
+        return _device.run_backward(q, k, v, o, lse, dout, segs, rates, causal, mode, scale, world_size, device)
+    if comm is not None and comm.backend == "nccl":
+        return _device.run_comm(comm, (q, k, v, o, dout), lse, segs, rates, causal, mode, scale)
     try:  # with comm, a rank that refuses its input still joins the agreement
-        for name, x in (("q", q), ("k", k), ("v", v), ("o", o), ("dout", dout)):
-            if not isinstance(x, np.ndarray) and (hasattr(x, "__cuda_array_interface__") or hasattr(x, "__dlpack__")):
-                raise TypeError(f"{name}: the backward takes NumPy arrays only; "
-                                "there are no GPU backward kernels in this version")
+        if comm is not None:
+            _host_only(comm, q=q, k=k, v=v, o=o, lse=lse, dout=dout)
         q, k, v = check.qkv(q, k, v)
         o = check.like(o, q, "o")
         dout = check.like(dout, q, "dout")
         b, n, h, _ = q.shape
-        lse = check.lse(lse, (b, h, n))
+        lse = check.lse(lse, (b, h, n), q.dtype)
         threads = check.num_threads(num_threads) or _threads["n"]
     except (TypeError, ValueError) as e:
         if comm is not None:
@@ -64,14 +74,16 @@ def _backward(q, k, v, o, lse, dout, segs, rates, causal, mode, scale, world_siz
 
 
 def dilated_attention_backward(q, k, v, o, lse, dout, segment_lengths, dilation_rates, *, causal=False,
-                               mode="groups", scale=None, nan_policy="raise", num_threads=None):
+                               mode="groups", scale=None, nan_policy="raise", num_threads=None, device=None):
     """Gradients (dq, dk, dv) of dilated_attention at q, k, v for the output
     gradient dout, given the forward's output o and its lse (return_lse=True).
     Flash-style: probabilities are recomputed tile by tile from lse; every
-    gradient has the input dtype.  The other arguments are dilated_attention's."""
+    gradient has the input dtype.  CUDA arrays (or device="cuda") run on the
+    GPU and give DeviceArrays (NumPy for NumPy inputs), as in the forward.
+    The other arguments are dilated_attention's."""
     segs, rates = check.branches(segment_lengths, dilation_rates)
     grads, _ = _backward(q, k, v, o, lse, dout, segs, rates, causal, check.mode(mode), check.scale(scale), 1,
-                         check.nan_policy(nan_policy), num_threads)
+                         check.nan_policy(nan_policy), num_threads, device=device)
     return grads
 
 
@@ -83,10 +95,12 @@ def dilated_attention(q, k, v, segment_lengths, dilation_rates, *, causal=False,
     segment_lengths / dilation_rates give the branches (s_i, r_i); mode is
     "groups" (heads split among branches) or "longnet" (every head in every
     branch, combined by softmax denominators).  segment_lengths=[n],
-    dilation_rates=[1] is plain attention.  Inputs are float32 or float16;
-    the output has the input's dtype and is computed in float32.  With
-    return_lse=True the log-sum-exp of every row, float32 (batch, heads, seq),
-    is returned as well (-inf where a query attends to nothing).
+    dilation_rates=[1] is plain attention.  Inputs are float32 or float16,
+    computed in float32, or float64 (CPU only), computed in double
+    throughout; the output has the input's dtype.  With return_lse=True the
+    log-sum-exp of every row, (batch, heads, seq), is returned as well
+    (-inf where a query attends to nothing): float32, or float64 for
+    float64 inputs.
     nan_policy="raise" refuses NaN/Inf inputs; "propagate" skips the check.
     device=None runs where the inputs are: NumPy on the CPU, CUDA arrays
     (__cuda_array_interface__ / DLPack: torch, CuPy, ...) on their GPU,
@@ -150,7 +164,7 @@ class RingDilatedAttention:
         """Full-length q, k, v (in-process ranks), or with comm= this rank's
         shards (b, n/k, h, d); returns the output of the same length.  With
         requires_grad=True the call keeps what backward() needs: references
-        to q, k, v and the output, and the float32 lse."""
+        to q, k, v and the output, and the lse."""
         self._saved = None
         keep = return_lse or requires_grad
         if self.comm is not None:
@@ -173,13 +187,19 @@ class RingDilatedAttention:
         q, k, v, o, lse = self._saved
         grads, stats = _backward(q, k, v, o, lse, dout, self.segment_lengths, self.dilation_rates,
                                  self.causal, self._mode, self._scale, self.world_size, self._check,
-                                 self.num_threads, self.comm)
+                                 self.num_threads, self.comm, self.device)
         self.last_stats = {key: [s[key] for s in stats] for key in stats[0]}
         return grads
 
     def _call_comm(self, q, k, v, return_lse, out):
         comm = self.comm
+        if comm.backend == "nccl":
+            result, stats = _device.run_comm(comm, (q, k, v), None, self.segment_lengths, self.dilation_rates,
+                                             self.causal, self._mode, self._scale, return_lse, out)
+            self.last_stats = {key: [stats[0][key]] for key in stats[0]}
+            return result, stats
         try:  # a rank that refuses its input still joins the agreement
+            _host_only(comm, q=q, k=k, v=v, out=out)
             q, k, v = check.qkv(q, k, v)
             out = check.out_array(out, q)
             threads = check.num_threads(self.num_threads) or _threads["n"]
@@ -187,7 +207,7 @@ class RingDilatedAttention:
             comm.refuse(e)
             raise
         b, n_local, h, _ = q.shape
-        lse = np.empty((b, h, n_local), dtype=np.float32) if return_lse else None
+        lse = np.empty((b, h, n_local), dtype=check.lse_dtype(q.dtype)) if return_lse else None
         stats = _core.run(comm=comm.handle(), backward=False, q=q, k=k, v=v, out=out, lse=lse, dout=None,
                           dq=None, dk=None, dv=None, segment_lengths=self.segment_lengths,
                           dilation_rates=self.dilation_rates, causal=self.causal, mode=self._mode,

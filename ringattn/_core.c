@@ -24,6 +24,7 @@ static int dtype_code(PyArrayObject *a, ra_dtype *out) {
   switch (PyArray_TYPE(a)) {
     case NPY_FLOAT32: *out = RA_FLOAT32; return 0;
     case NPY_FLOAT16: *out = RA_FLOAT16; return 0;
+    case NPY_FLOAT64: *out = RA_FLOAT64; return 0; /* the CPU's double path */
     default: return -1;
   }
 }
@@ -257,16 +258,19 @@ static PyObject *py_comm_allgather(PyObject *self, PyObject *args) {
   return result;
 }
 
-/* The lse array of a call: float32 (b, h, n_local), C-contiguous. */
-static int as_lse(PyObject *obj, const npy_intp *shape, int writable, float **lse) {
+/* The lse array of a call: (b, h, n_local), C-contiguous, float32 -- or
+ * float64 for float64 inputs, whose accumulators are double. */
+static int as_lse(PyObject *obj, ra_dtype dtype, const npy_intp *shape, int writable, void **lse) {
   *lse = NULL;
   if (obj == Py_None) return 0;
   PyArrayObject *a = (PyArrayObject *)obj;
-  if (!PyArray_Check(obj) || PyArray_TYPE(a) != NPY_FLOAT32 || PyArray_NDIM(a) != 3 || !PyArray_IS_C_CONTIGUOUS(a) ||
+  const int type = dtype == RA_FLOAT64 ? NPY_FLOAT64 : NPY_FLOAT32;
+  if (!PyArray_Check(obj) || PyArray_TYPE(a) != type || PyArray_NDIM(a) != 3 || !PyArray_IS_C_CONTIGUOUS(a) ||
       (writable && !PyArray_ISWRITEABLE(a)) || PyArray_DIMS(a)[0] != shape[0] || PyArray_DIMS(a)[1] != shape[2] ||
       PyArray_DIMS(a)[2] != shape[1]) {
-    PyErr_Format(PyExc_ValueError, "lse must be a C-contiguous float32 array of shape (%zd, %zd, %zd)",
-                 (Py_ssize_t)shape[0], (Py_ssize_t)shape[2], (Py_ssize_t)shape[1]);
+    PyErr_Format(PyExc_ValueError, "lse must be a C-contiguous %s array of shape (%zd, %zd, %zd)",
+                 type == NPY_FLOAT64 ? "float64" : "float32", (Py_ssize_t)shape[0], (Py_ssize_t)shape[2],
+                 (Py_ssize_t)shape[1]);
     return -1;
   }
   *lse = PyArray_DATA(a);
@@ -294,7 +298,7 @@ static PyObject *py_run(PyObject *self, PyObject *args, PyObject *kw) {
   ra_config cfg;
   ra_config_init(&cfg);
   if (PyArray_NDIM(qa) != 4 || dtype_code(qa, &cfg.dtype) != 0)
-    return PyErr_Format(PyExc_TypeError, "q must be a 4-d float32 or float16 array");
+    return PyErr_Format(PyExc_TypeError, "q must be a 4-d float32, float16 or float64 array");
   const npy_intp *shape = PyArray_DIMS(qa);
   const int ranks = comm ? ra_comm_size(comm) : world;
   cfg.batch = shape[0];
@@ -309,8 +313,8 @@ static PyObject *py_run(PyObject *self, PyObject *args, PyObject *kw) {
   memset(t, 0, sizeof t);
   for (int i = 0; i < (backward ? 8 : 4); i++)
     if (as_tensor(objs[i], tnames[i], cfg.dtype, shape, (i == 3 && !backward) || i >= 5, &t[i])) return NULL;
-  float *lse;
-  if (as_lse(lo, shape, !backward, &lse)) return NULL;
+  void *lse;
+  if (as_lse(lo, cfg.dtype, shape, !backward, &lse)) return NULL;
   if (backward && !lse) return PyErr_Format(PyExc_ValueError, "lse: the backward needs the forward's lse");
 
   ra_stats *stats = PyMem_Calloc((size_t)(comm ? 1 : ranks > 0 ? ranks : 1), sizeof *stats);
@@ -335,6 +339,52 @@ static PyObject *py_run(PyObject *self, PyObject *args, PyObject *kw) {
   PyObject *out = st == RA_OK ? glue_stats_tuple(stats, comm ? 1 : ranks) : raise_status(st);
   PyMem_Free(stats);
   return out;
+}
+
+/* One rank of an NCCL communicator on device memory: `tensors` holds the
+ * addresses of this rank's shards (q, k, v, out, or q, k, v, out, dout, dq,
+ * dk, dv for the backward), `shape` the shard's (b, n_local, h, d). */
+static PyObject *py_run_device(PyObject *self, PyObject *args, PyObject *kw) {
+  (void)self;
+  static char *names[] = {"comm", "tensors", "strides", "lse", "shape", "dtype", "segment_lengths",
+                          "dilation_rates", "causal", "mode", "scale", NULL};
+  PyObject *capsule, *ptrs, *strides, *lse_obj, *shape_obj, *segs, *rates;
+  int dtype, causal, mode;
+  double scale;
+  if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOiOOpid", names, &capsule, &ptrs, &strides, &lse_obj,
+                                   &shape_obj, &dtype, &segs, &rates, &causal, &mode, &scale))
+    return NULL;
+  ra_comm *comm = get_comm(capsule);
+  if (!comm) return NULL;
+  ra_tensor t[8];
+  int64_t shape[4];
+  int count;
+  if (glue_device_tensors(ptrs, strides, shape_obj, shape, t, &count)) return NULL;
+  uintptr_t lse = 0;
+  if (lse_obj != Py_None && glue_address(lse_obj, "lse", &lse)) return NULL;
+  if (dtype != RA_FLOAT32 && dtype != RA_FLOAT16 && dtype != RA_BFLOAT16)
+    return PyErr_Format(PyExc_TypeError, "dtype code must be 0, 1 or 2, got %d", dtype);
+  const int ranks = ra_comm_size(comm);
+  ra_config cfg;
+  ra_config_init(&cfg);
+  cfg.batch = shape[0];
+  cfg.seq_len = shape[1] * ranks;
+  cfg.num_heads = shape[2];
+  cfg.head_dim = shape[3];
+  cfg.dtype = (ra_dtype)dtype;
+  if (read_config(&cfg, segs, rates, causal, mode, scale, ranks)) return NULL;
+  ra_stats stats;
+  memset(&stats, 0, sizeof stats);
+  ra_exec exec = {0, 0}; /* device inputs are not scanned for NaN */
+  ra_status st;
+  Py_BEGIN_ALLOW_THREADS
+  if (count == 8)
+    st = ra_comm_backward(&cfg, comm, t[0], t[1], t[2], t[3], t[4], (const float *)lse, shape[1], t[5], t[6],
+                          t[7], &exec, &stats);
+  else
+    st = ra_comm_forward(&cfg, comm, t[0], t[1], t[2], t[3], (float *)lse, shape[1], &exec, &stats);
+  Py_END_ALLOW_THREADS
+  return st == RA_OK ? glue_stats_tuple(&stats, 1) : raise_status(st);
 }
 
 static PyObject *py_have(PyObject *self, PyObject *unused) {
@@ -368,6 +418,8 @@ static PyMethodDef methods[] = {
      "Validate a configuration; return its schedule (local_len, scale, branches)."},
     {"run", (PyCFunction)(void (*)(void))py_run, METH_VARARGS | METH_KEYWORDS,
      "Forward or backward over in-process ranks or a communicator; returns per-rank stats."},
+    {"run_device", (PyCFunction)(void (*)(void))py_run_device, METH_VARARGS | METH_KEYWORDS,
+     "One rank of an NCCL communicator on device addresses; returns this rank's stats."},
     {"comm_mpi", py_comm_mpi, METH_O, "MPI communicator (address of an MPI_Comm, or None for WORLD)."},
     {"comm_nccl", py_comm_nccl, METH_VARARGS, "NCCL communicator (unique_id, world_size, rank, device)."},
     {"comm_nccl_from_mpi", py_comm_nccl_from_mpi, METH_VARARGS, "NCCL communicator with its id shared over MPI."},

@@ -1,6 +1,6 @@
 /*
  * _cuda.c -- the CPython extension of the GPU path: raw device pointers in,
- * ra_cuda_forward out, plus the few CUDA runtime calls the Python side needs
+ * ra_cuda_forward / ra_cuda_backward out, plus the few CUDA runtime calls the Python side needs
  * (allocation, host/device copies, stream synchronisation, pointer queries)
  * and the export of device memory as a DLPack capsule.
  *
@@ -8,13 +8,14 @@
  * arguments lives in ringattn/_device.py; this module trusts integers as
  * pointers and only checks what would otherwise crash the C core.  In a build
  * without CUDA (no RA_WITH_CUDA) the module still imports: device_count() is
- * 0, forward() reports the core's RA_ERR_UNSUPPORTED, and the runtime calls
+ * 0, run() reports the core's RA_ERR_UNSUPPORTED, and the runtime calls
  * raise RuntimeError.  to_dlpack() works in every build (it only builds a
  * struct), which is how the CPU test suite checks the exported layout.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "ringattn.h"
@@ -117,22 +118,6 @@ static PyObject *no_cuda(void) {
 /* -------------------------------------------------------------- helpers */
 
 /* A Python int as an address (0 allowed). */
-static int as_address(PyObject *obj, const char *name, uintptr_t *out) {
-  if (!PyLong_Check(obj)) {
-    PyErr_Format(PyExc_TypeError, "%s must be an int (a device address), got %.100s", name,
-                 Py_TYPE(obj)->tp_name);
-    return -1;
-  }
-  unsigned long long v = PyLong_AsUnsignedLongLong(obj);
-  if (v == (unsigned long long)-1 && PyErr_Occurred()) {
-    PyErr_Clear();
-    PyErr_Format(PyExc_ValueError, "%s must be a non-negative address that fits 64 bits", name);
-    return -1;
-  }
-  *out = (uintptr_t)v;
-  return 0;
-}
-
 /* A stream handle: an int (0 = the default stream) or None (= 0). */
 static int as_stream(PyObject *obj, void **out) {
   if (obj == Py_None) {
@@ -140,51 +125,42 @@ static int as_stream(PyObject *obj, void **out) {
     return 0;
   }
   uintptr_t s;
-  if (as_address(obj, "stream", &s)) return -1;
+  if (glue_address(obj, "stream", &s)) return -1;
   *out = (void *)s;
   return 0;
 }
 
 
-/* ---------------------------------------------------------------- forward */
+/* ------------------------------------------------------- forward, backward */
 
-static const char *const tensor_names[4] = {"q", "k", "v", "out"};
-
-static PyObject *py_forward(PyObject *self, PyObject *args, PyObject *kw) {
+/* ra_cuda_forward (4 tensors: q, k, v, out) or ra_cuda_backward (8: q, k, v,
+ * out, dout, dq, dk, dv) on device addresses. */
+static PyObject *py_run(PyObject *self, PyObject *args, PyObject *kw) {
   (void)self;
-  static char *names[] = {"q", "k", "v", "o", "lse", "shape", "strides", "dtype",
-                          "segment_lengths", "dilation_rates", "causal", "mode", "scale",
-                          "world_size", "stream", "device", "sync", NULL};
-  PyObject *ptr_obj[5], *shape_obj, *strides_obj, *segs, *rates, *stream_obj = Py_None;
+  static char *names[] = {"tensors", "lse", "shape", "strides", "dtype", "segment_lengths", "dilation_rates",
+                          "causal", "mode", "scale", "world_size", "stream", "device", "sync", NULL};
+  PyObject *ptrs_obj, *lse_obj, *shape_obj, *strides_obj, *segs, *rates, *stream_obj = Py_None;
   int dtype, causal, mode, world, device = -1, sync = 1;
   double scale;
-  if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOOiOOpidi|Oip", names, &ptr_obj[0], &ptr_obj[1],
-                                   &ptr_obj[2], &ptr_obj[3], &ptr_obj[4], &shape_obj, &strides_obj,
-                                   &dtype, &segs, &rates, &causal, &mode, &scale, &world,
+  if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOiOOpidi|Oip", names, &ptrs_obj, &lse_obj, &shape_obj,
+                                   &strides_obj, &dtype, &segs, &rates, &causal, &mode, &scale, &world,
                                    &stream_obj, &device, &sync))
     return NULL;
-
-  uintptr_t ptr[5];
-  for (int i = 0; i < 4; i++) {
-    if (as_address(ptr_obj[i], tensor_names[i], &ptr[i])) return NULL;
-    if (!ptr[i]) return PyErr_Format(PyExc_ValueError, "%s: null device pointer", tensor_names[i]);
-  }
-  if (ptr_obj[4] == Py_None) {
-    ptr[4] = 0;
-  } else if (as_address(ptr_obj[4], "lse", &ptr[4])) {
-    return NULL;
-  }
+  ra_tensor t[8];
+  int64_t shape[4];
+  int count;
+  if (glue_device_tensors(ptrs_obj, strides_obj, shape_obj, shape, t, &count)) return NULL;
+  const int backward = count == 8;
+  uintptr_t lse = 0;
+  ra_config cfg;
+  ra_config_init(&cfg);
+  if (lse_obj != Py_None && glue_address(lse_obj, "lse", &lse)) return NULL;
+  if (backward && !lse) return PyErr_Format(PyExc_ValueError, "lse: the backward needs the forward's lse");
   void *stream;
   if (as_stream(stream_obj, &stream)) return NULL;
   if (dtype != RA_FLOAT32 && dtype != RA_FLOAT16 && dtype != RA_BFLOAT16)
     return PyErr_Format(PyExc_TypeError, "dtype code must be 0 (float32), 1 (float16) or 2 (bfloat16), got %d", dtype);
 
-  ra_config cfg;
-  ra_config_init(&cfg);
-  int64_t shape[4];
-  if (glue_read_i64s(shape_obj, "shape", shape, 4, NULL)) return NULL;
-  for (int i = 0; i < 4; i++)
-    if (shape[i] < 1) return PyErr_Format(PyExc_ValueError, "shape must hold 4 positive sizes");
   cfg.batch = shape[0];
   cfg.seq_len = shape[1];
   cfg.num_heads = shape[2];
@@ -202,45 +178,6 @@ static PyObject *py_forward(PyObject *self, PyObject *args, PyObject *kw) {
     return PyErr_Format(PyExc_ValueError, "dilation_rates: %d values for %d segment_lengths", nr, ns);
   cfg.num_branches = ns;
 
-  /* strides: four (stride_b, stride_n, stride_h[, stride_d]) in elements. */
-  ra_tensor t[4];
-  PyObject *fast = PySequence_Fast(strides_obj, "strides must be a sequence of 4 stride tuples");
-  if (!fast) return NULL;
-  if (PySequence_Fast_GET_SIZE(fast) != 4) {
-    Py_DECREF(fast);
-    return PyErr_Format(PyExc_ValueError, "strides must hold one stride tuple for each of q, k, v, out");
-  }
-  for (int i = 0; i < 4; i++) {
-    PyObject *one = PySequence_Fast_GET_ITEM(fast, i);
-    int64_t st[4] = {0, 0, 0, 1};
-    int got = 0;
-    PyObject *f2 = PySequence_Fast(one, "strides entries must be sequences");
-    if (!f2) {
-      Py_DECREF(fast);
-      return NULL;
-    }
-    Py_ssize_t len = PySequence_Fast_GET_SIZE(f2);
-    Py_DECREF(f2);
-    if (len != 3 && len != 4) {
-      Py_DECREF(fast);
-      return PyErr_Format(PyExc_ValueError, "%s: strides must hold 3 or 4 values, got %zd", tensor_names[i], len);
-    }
-    if (glue_read_i64s(one, tensor_names[i], st, (int)len, &got)) {
-      Py_DECREF(fast);
-      return NULL;
-    }
-    if ((st[3] != 1 && shape[3] > 1) || st[0] < 0 || st[1] < 0 || st[2] < 0) {
-      Py_DECREF(fast);
-      return PyErr_Format(PyExc_ValueError,
-                          "%s: the head dimension must be contiguous and the strides non-negative", tensor_names[i]);
-    }
-    t[i].data = (void *)ptr[i];
-    t[i].stride_b = st[0];
-    t[i].stride_n = st[1];
-    t[i].stride_h = st[2];
-  }
-  Py_DECREF(fast);
-
   ra_plan *plan;
   ra_status st = ra_plan_create(&cfg, &plan);
   if (st != RA_OK) return raise_status(st);
@@ -249,6 +186,7 @@ static PyObject *py_forward(PyObject *self, PyObject *args, PyObject *kw) {
     ra_plan_destroy(plan);
     return PyErr_NoMemory();
   }
+  const char *who = backward ? "ra_cuda_backward" : "ra_cuda_forward";
 #ifdef RA_WITH_CUDA
   device_guard g;
   cudaError_t cerr = cudaSuccess;
@@ -257,24 +195,30 @@ static PyObject *py_forward(PyObject *self, PyObject *args, PyObject *kw) {
 #ifdef RA_WITH_CUDA
   cerr = guard_enter(&g, device);
   if (cerr == cudaSuccess) {
-    st = ra_cuda_forward(plan, t[0], t[1], t[2], t[3], (float *)ptr[4], stream, stats);
-    if (st == RA_OK && sync) cerr = cudaStreamSynchronize((cudaStream_t)stream);
-  }
-  guard_exit(&g);
 #else
   (void)device;
   (void)sync;
-  st = ra_cuda_forward(plan, t[0], t[1], t[2], t[3], (float *)ptr[4], stream, stats);
+#endif
+    st = backward ? ra_cuda_backward(plan, t[0], t[1], t[2], t[3], t[4], (const float *)lse, t[5], t[6], t[7],
+                                     stream, stats)
+                  : ra_cuda_forward(plan, t[0], t[1], t[2], t[3], (float *)lse, stream, stats);
+#ifdef RA_WITH_CUDA
+    if (st == RA_OK && sync) cerr = cudaStreamSynchronize((cudaStream_t)stream);
+  }
+  guard_exit(&g);
 #endif
   Py_END_ALLOW_THREADS
   ra_plan_destroy(plan);
   PyObject *out;
 #ifdef RA_WITH_CUDA
-  if (cerr != cudaSuccess)
-    out = raise_cuda(cerr, st == RA_OK ? "synchronizing the stream after ra_cuda_forward" : "selecting the device");
-  else
+  if (cerr != cudaSuccess) {
+    char what[96];
+    snprintf(what, sizeof what, st == RA_OK ? "synchronizing the stream after %s" : "selecting the device", who);
+    out = raise_cuda(cerr, what);
+  } else
 #endif
     out = st == RA_OK ? glue_stats_tuple(stats, cfg.world_size) : raise_status(st);
+  (void)who;
   PyMem_Free(stats);
   return out;
 }
@@ -339,7 +283,7 @@ static PyObject *py_free(PyObject *self, PyObject *args) {
   int device = -1;
   if (!PyArg_ParseTuple(args, "O|i", &ptr_obj, &device)) return NULL;
   uintptr_t p;
-  if (as_address(ptr_obj, "ptr", &p)) return NULL;
+  if (glue_address(ptr_obj, "ptr", &p)) return NULL;
 #ifdef RA_WITH_CUDA
   device_guard g;
   cudaError_t err;
@@ -360,7 +304,7 @@ static PyObject *py_free(PyObject *self, PyObject *args) {
  * (released here), `ptr_obj` the device address. */
 static PyObject *copy_host_device(Py_buffer *buf, PyObject *ptr_obj, int device, int to_device) {
   uintptr_t p;
-  if (as_address(ptr_obj, to_device ? "dst" : "src", &p)) {
+  if (glue_address(ptr_obj, to_device ? "dst" : "src", &p)) {
     PyBuffer_Release(buf);
     return NULL;
   }
@@ -435,7 +379,7 @@ static PyObject *py_synchronize(PyObject *self, PyObject *args) {
 static PyObject *py_pointer_device(PyObject *self, PyObject *arg) {
   (void)self;
   uintptr_t p;
-  if (as_address(arg, "ptr", &p)) return NULL;
+  if (glue_address(arg, "ptr", &p)) return NULL;
 #ifdef RA_WITH_CUDA
   struct cudaPointerAttributes attr;
   memset(&attr, 0, sizeof attr);
@@ -520,7 +464,7 @@ static PyObject *py_to_dlpack(PyObject *self, PyObject *args, PyObject *kw) {
                                    &readonly))
     return NULL;
   uintptr_t p;
-  if (as_address(ptr_obj, "ptr", &p)) return NULL;
+  if (glue_address(ptr_obj, "ptr", &p)) return NULL;
   if (code < 0 || code > 255 || bits < 1 || bits > 255)
     return PyErr_Format(PyExc_ValueError, "dtype code/bits out of range");
   PyObject *shape_fast = PySequence_Fast(shape_obj, "shape must be a sequence");
@@ -586,11 +530,12 @@ static PyObject *py_to_dlpack(PyObject *self, PyObject *args, PyObject *kw) {
 /* ------------------------------------------------------------------ module */
 
 static PyMethodDef methods[] = {
-    {"forward", (PyCFunction)(void (*)(void))py_forward, METH_VARARGS | METH_KEYWORDS,
-     "forward(q, k, v, o, lse, shape, strides, dtype, segment_lengths, dilation_rates, causal,\n"
-     "        mode, scale, world_size, stream=None, device=-1, sync=True) -> per-rank stats\n\n"
-     "Run ra_cuda_forward on device pointers (ints); lse is an address or None.\n"
-     "strides: one (stride_b, stride_n, stride_h[, 1]) tuple in elements for each of q, k, v, o.\n"
+    {"run", (PyCFunction)(void (*)(void))py_run, METH_VARARGS | METH_KEYWORDS,
+     "run(tensors, lse, shape, strides, dtype, segment_lengths, dilation_rates, causal,\n"
+     "    mode, scale, world_size, stream=None, device=-1, sync=True) -> per-rank stats\n\n"
+     "ra_cuda_forward on device pointers (ints) when tensors is (q, k, v, out), ra_cuda_backward\n"
+     "when it is (q, k, v, out, dout, dq, dk, dv); lse is an address (or None in the forward).\n"
+     "strides: one (stride_b, stride_n, stride_h[, 1]) tuple in elements for each tensor.\n"
      "dtype: 0 float32, 1 float16, 2 bfloat16.  stream: a cudaStream_t as int (None/0: default).\n"
      "device >= 0 is made current for the call.  With sync the stream is synchronized before\n"
      "returning.  The GIL is released while the kernels run."},

@@ -516,11 +516,12 @@ def parse_device(device):
     raise TypeError(f"device must be None, 'cpu', 'cuda', 'cuda:N' or an int, got {device!r}")
 
 
-def wants_gpu(device, q, k, v, out=None):
+def wants_gpu(device, q, k, v, out=None, **more):
     """True when the call goes to the GPU path (device='cuda', or a CUDA array
-    among the arguments and device not given)."""
+    among the arguments and device not given).  `more`: further named arrays
+    (the backward's o, lse, dout)."""
     dev = parse_device(device)
-    objs = {"q": q, "k": k, "v": v, "out": out}
+    objs = {"q": q, "k": k, "v": v, "out": out, **more}
     if dev is not None and dev[0] == "cpu":
         for name, obj in objs.items():
             if obj is not None and classify(obj) == "cuda":
@@ -870,10 +871,9 @@ def _launch(mod, refs, device, stream, segs, rates, causal, mode, scale, world_s
         mod.synchronize(s, device)
     c_stream = 0 if stream in (None, _LEGACY_STREAM) else stream
     names = ("q", "k", "v", "out")
-    stats = mod.forward(refs["q"].ptr, refs["k"].ptr, refs["v"].ptr, refs["out"].ptr,
-                        None if lse is None else lse.ptr, q.shape,
-                        [refs[nm].strides for nm in names], _CODE[q.dtype], list(segs), list(rates),
-                        bool(causal), int(mode), float(scale), int(world_size), c_stream, int(device), True)
+    stats = mod.run([refs[nm].ptr for nm in names], None if lse is None else lse.ptr, q.shape,
+                    [refs[nm].strides for nm in names], _CODE[q.dtype], list(segs), list(rates),
+                    bool(causal), int(mode), float(scale), int(world_size), c_stream, int(device), True)
     return ((result, lse) if return_lse else result), stats
 
 
@@ -888,6 +888,15 @@ def _host_array(x, name):
         hint = " (convert with .astype(np.float32))" if x.dtype.kind in "fiub" else ""
         raise TypeError(f"{name} must have dtype float32, float16 or bfloat16, got {x.dtype}{hint}")
     return x, dt
+
+
+def _to_host(a, dt, like):
+    """A DeviceArray's contents as NumPy in the caller's representation:
+    bfloat16 as the caller's bfloat16 dtype (ml_dtypes) or else float32."""
+    raw = a._raw_numpy()
+    if dt == "bfloat16":
+        raw = raw.view(like) if _bf16_numpy_dtype(like) else bf16_bits_to_f32(raw)
+    return raw
 
 
 def _run_host(q, k, v, segs, rates, causal, mode, scale, world_size, return_lse, out, requested):
@@ -935,9 +944,7 @@ def _run_host(q, k, v, segs, rates, causal, mode, scale, world_size, return_lse,
     if out is not None and out_host is None:
         o_host = out  # written in place on the device
     else:
-        raw = o._raw_numpy()
-        if dt == "bfloat16":
-            raw = raw.view(qa.dtype) if _bf16_numpy_dtype(qa.dtype) else bf16_bits_to_f32(raw)
+        raw = _to_host(o, dt, qa.dtype)
         if out_host is not None:
             out_host[...] = raw
             o_host = out_host
@@ -946,6 +953,169 @@ def _run_host(q, k, v, segs, rates, causal, mode, scale, world_size, return_lse,
     if return_lse:
         return (o_host, lse.numpy()), stats
     return o_host, stats
+
+
+# ------------------------------------------------------------------- backward
+
+def _parse_lse(lse, shape, stream, requested, mod):
+    """The forward's lse as a DeviceRef: float32 (b, h, n), C-contiguous, CUDA."""
+    b, n, h, _ = shape
+    if isinstance(lse, DeviceArray):
+        ref = _ref_of_device_array(lse, "lse")
+    elif dlpack_device(lse) is not None:
+        ref = parse_dlpack(lse, "lse", stream=_LEGACY_STREAM if stream is None else stream)
+    else:
+        cai = get_cai(lse)
+        if cai is None:
+            raise TypeError(f"lse must be a CUDA array like the other arguments, got {type(lse).__name__}")
+        ref = parse_cai(lse, "lse", cai)
+    try:
+        if ref.kind != "cuda":
+            raise ValueError("lse is on the host but the other arguments are CUDA arrays")
+        if ref.dtype != "float32" or tuple(ref.shape) != (b, h, n) or \
+                tuple(ref.strides) != tuple(_contiguous_strides((b, h, n))):
+            raise ValueError(f"lse must be a C-contiguous float32 array of shape {(b, h, n)} (the forward's "
+                             f"return_lse=True result), got {ref.dtype} {tuple(ref.shape)}")
+        if ref.device is None:
+            kind, ref.device = mod.pointer_device(ref.ptr)
+            if kind not in ("device", "managed"):
+                raise ValueError("lse: __cuda_array_interface__ points at host memory, not at CUDA device memory")
+        if requested is not None and ref.device != requested:
+            raise ValueError(f"lse is on cuda:{ref.device} but q is on cuda:{requested}; "
+                             "all arrays must be on one CUDA device")
+    except BaseException:
+        ref.release()
+        raise
+    return ref
+
+
+def run_backward(q, k, v, o, lse, dout, segs, rates, causal, mode, scale, world_size, device=None):
+    """The GPU path of dilated_attention_backward / RingDilatedAttention.backward:
+    (dq, dk, dv) as DeviceArrays (NumPy when the inputs are host arrays and
+    device="cuda"), and the per-rank stats."""
+    dev = parse_device(device)
+    requested = dev[1] if dev is not None else None
+    objs = {"q": q, "k": k, "v": v, "o": o, "dout": dout}
+    kinds = {name: classify(obj) for name, obj in objs.items()}
+    kinds["lse"] = classify(lse)
+    for name, kind in kinds.items():
+        if kind == "other":
+            obj = lse if name == "lse" else objs[name]
+            raise ValueError(f"{name} is {_describe(obj, kind)}; ringattn runs on the CPU or CUDA")
+    host = [n for n, kd in kinds.items() if kd == "cpu"]
+    if host and len(host) < len(kinds):
+        gpu = next(n for n, kd in kinds.items() if kd == "cuda")
+        raise ValueError(f"{host[0]} is a host array but {gpu} is a CUDA array; the backward takes "
+                         "q, k, v, o, lse and dout all on the host or all on one GPU")
+    if host:
+        return _run_backward_host(objs, lse, segs, rates, causal, mode, scale, world_size, requested)
+    refs, stream = _parse_cuda_args(objs, requested)
+    lse_ref = None
+    try:
+        _check_config(refs["q"].shape, segs, rates, causal, mode, scale, world_size)
+        mod = _require_gpu()
+        device = _resolve_devices(refs, requested, mod)
+        if device is None:
+            device = mod.current_device()
+        lse_ref = _parse_lse(lse, refs["q"].shape, stream, device, mod)
+        shape, dtype = refs["q"].shape, refs["q"].dtype
+        grads = [DeviceArray(shape, dtype, device) for _ in range(3)]
+        _, waits = _choose_stream(dict(refs, lse=lse_ref))
+        for st in waits:
+            mod.synchronize(st, device)
+        c_stream = 0 if stream in (None, _LEGACY_STREAM) else stream
+        names = ("q", "k", "v", "o", "dout")
+        strides = [refs[nm].strides for nm in names] + [_contiguous_strides(shape)] * 3
+        stats = mod.run([refs[nm].ptr for nm in names] + [g.ptr for g in grads], lse_ref.ptr, shape, strides,
+                        _CODE[dtype], list(segs), list(rates), bool(causal), int(mode), float(scale),
+                        int(world_size), c_stream, int(device), True)
+        return tuple(grads), stats
+    finally:
+        for r in refs.values():
+            r.release()
+        if lse_ref is not None:
+            lse_ref.release()
+
+
+def _run_backward_host(objs, lse, segs, rates, causal, mode, scale, world_size, requested):
+    """device="cuda" with host arrays: copy in, run, copy the gradients back."""
+    arrs = {name: _host_array(x, name) for name, x in objs.items()}
+    qa, dt = arrs["q"]
+    for name, (a, t) in arrs.items():
+        if t != dt:
+            raise TypeError(f"{name} has dtype {t} but q has {dt}; they must match")
+        if a.shape != qa.shape:
+            raise ValueError(f"{name} has shape {a.shape} but q has {qa.shape}; they must match")
+    if qa.ndim != 4 or 0 in qa.shape:
+        raise ValueError(f"q must have 4 non-empty dimensions (batch, seq, heads, head_dim), got shape {qa.shape}")
+    lse = np.asarray(lse)
+    b, n, h, _ = qa.shape
+    if lse.dtype != np.float32 or lse.shape != (b, h, n):
+        raise ValueError(f"lse must be a float32 array of shape {(b, h, n)}, got {lse.dtype} {lse.shape}")
+    mod = _require_gpu()
+    device = requested if requested is not None else mod.current_device()
+    dev_objs = {name: DeviceArray.from_numpy(a, dt, device) for name, (a, _) in arrs.items()}
+    dev_lse = DeviceArray.from_numpy(lse, "float32", device)
+    grads, stats = run_backward(dev_objs["q"], dev_objs["k"], dev_objs["v"], dev_objs["o"], dev_lse,
+                                dev_objs["dout"], segs, rates, causal, mode, scale, world_size, f"cuda:{device}")
+    return tuple(_to_host(g, dt, qa.dtype) for g in grads), stats
+
+
+# ------------------------------------------------------------- communicators
+
+def run_comm(comm, arrays, lse, segs, rates, causal, mode, scale, return_lse=False, out=None):
+    """One rank of an NCCL communicator on CUDA arrays (this rank's shards).
+
+    arrays: (q, k, v) for the forward, returning (out[, lse]) as DeviceArrays
+    (or out=); (q, k, v, o, dout) with the forward's lse for the backward,
+    returning (dq, dk, dv).  Input that fails validation here is refused
+    through the communicator's agreement, so the other ranks raise too."""
+    from . import _core
+    backward = len(arrays) == 5
+    names = ("q", "k", "v", "o", "dout") if backward else ("q", "k", "v")
+    objs = dict(zip(names, arrays))
+    if out is not None:
+        objs["out"] = out
+    refs, lse_ref = {}, None
+    try:
+        try:
+            for name, obj in list(objs.items()) + ([("lse", lse)] if backward else []):
+                if classify(obj) != "cuda":
+                    raise TypeError(f"{name}: an NCCL communicator runs on the GPU and takes CUDA arrays "
+                                    f"(torch/CuPy tensors, DeviceArray), got {_describe(obj, classify(obj))}")
+            refs, stream = _parse_cuda_args(objs, None)
+            mod = _require_gpu()
+            device = _resolve_devices(refs, None, mod)
+            q = refs["q"]
+            b, n, h, _ = q.shape
+            if backward:
+                lse_ref = _parse_lse(lse, q.shape, stream, device, mod)
+        except (TypeError, ValueError) as e:
+            comm.refuse(e)
+            raise
+        results = [DeviceArray(q.shape, q.dtype, device) for _ in range(3)] if backward else \
+            [objs.get("out") or DeviceArray(q.shape, q.dtype, device)]
+        if not backward and out is None:
+            refs["out"] = _ref_of_device_array(results[0], "out")
+        lse_out = DeviceArray((b, h, n), "float32", device) if return_lse and not backward else None
+        mod.synchronize(stream if stream is not None else _LEGACY_STREAM, device)  # inputs are ready
+        tensors = [refs[nm].ptr for nm in names] if backward else [refs[nm].ptr for nm in ("q", "k", "v", "out")]
+        strides = [refs[nm].strides for nm in names] if backward else \
+            [refs[nm].strides for nm in ("q", "k", "v", "out")]
+        if backward:
+            tensors += [g.ptr for g in results]
+            strides += [_contiguous_strides(q.shape)] * 3
+        lse_ptr = lse_ref.ptr if backward else (lse_out.ptr if lse_out is not None else None)
+        stats = _core.run_device(comm.handle(), tensors, strides, lse_ptr, q.shape, _CODE[q.dtype], list(segs),
+                                 list(rates), bool(causal), int(mode), float(scale))
+    finally:
+        for r in refs.values():
+            r.release()
+        if lse_ref is not None:
+            lse_ref.release()
+    if backward:
+        return tuple(results), stats
+    return ((results[0], lse_out) if return_lse else results[0]), stats
 
 
 # ---------------------------------------------------------------- raw pointers
@@ -999,8 +1169,8 @@ def cuda_forward_ptr(q_ptr, k_ptr, v_ptr, o_ptr, shape, dtype, segment_lengths, 
     if dev is not None and dev[0] != "cuda":
         raise ValueError(f"device must be a CUDA device, got {device!r}")
     mod = _require_gpu()
-    stats = mod.forward(ptrs["q_ptr"], ptrs["k_ptr"], ptrs["v_ptr"], ptrs["o_ptr"],
-                        None if lse_ptr is None else int(lse_ptr), shape, st, _CODE[name], segs, rates,
-                        bool(causal), mode_code, scale_v, world, int(stream),
-                        -1 if dev is None or dev[1] is None else dev[1], True)
+    stats = mod.run([ptrs["q_ptr"], ptrs["k_ptr"], ptrs["v_ptr"], ptrs["o_ptr"]],
+                    None if lse_ptr is None else int(lse_ptr), shape, st, _CODE[name], segs, rates,
+                    bool(causal), mode_code, scale_v, world, int(stream),
+                    -1 if dev is None or dev[1] is None else dev[1], True)
     return list(stats)

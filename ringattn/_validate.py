@@ -10,13 +10,13 @@ import numbers
 
 import numpy as np
 
-_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
+_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.float64))  # float64: the CPU only
 MODES = {"groups": 0, "longnet": 1}
 NAN_POLICIES = ("raise", "propagate")
 
 
 def array(x, name):
-    """A (b, n, h, d) float32/float16 array the core can read in place.
+    """A (b, n, h, d) float32/float16/float64 array the core can read in place.
 
     Arrays whose head dimension is not contiguous (or that have negative or
     misaligned strides) are copied once; everything else is used as is.
@@ -29,7 +29,7 @@ def array(x, name):
         x = x.astype(x.dtype.newbyteorder("="))  # same numbers, native byte order
     if x.dtype not in _DTYPES:
         hint = " (convert with .astype(np.float32))" if x.dtype.kind in "fiub" else ""
-        raise TypeError(f"{name} must have dtype float32 or float16, got {x.dtype}{hint}")
+        raise TypeError(f"{name} must have dtype float32, float16 or float64, got {x.dtype}{hint}")
     if x.ndim != 4:
         raise ValueError(f"{name} must have 4 dimensions (batch, seq, heads, head_dim), got shape {x.shape}")
     if 0 in x.shape:
@@ -141,12 +141,20 @@ def like(x, q, name):
     return x
 
 
-def lse(x, shape):
-    """The forward's log-sum-exp: float32 (b, h, n), made C-contiguous."""
+def lse_dtype(dtype):
+    """The log-sum-exp's dtype for inputs of `dtype`: float64 for float64
+    (computed in double throughout), float32 otherwise."""
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+def lse(x, shape, dtype):
+    """The forward's log-sum-exp for inputs of `dtype`: (b, h, n) of
+    lse_dtype(dtype), made C-contiguous."""
     if not isinstance(x, np.ndarray):
         raise TypeError(f"lse must be a NumPy array from return_lse=True, got {type(x).__name__}")
-    if x.dtype != np.float32:
-        raise TypeError(f"lse must have dtype float32, got {x.dtype}")
+    want = lse_dtype(dtype)
+    if x.dtype != want:
+        raise TypeError(f"lse must have dtype {want} for {np.dtype(dtype)} inputs, got {x.dtype}")
     if x.shape != tuple(shape):
         raise ValueError(f"lse must have shape {tuple(shape)} (batch, heads, seq), got {x.shape}")
     return np.ascontiguousarray(x)

@@ -7,12 +7,15 @@
     layer = rt.RingDilatedAttention([2048, 4096], [1, 2], causal=True, world_size=4)  # or comm=
     o = layer(q, k, v)
 
-CPU tensors cross into the C core without copies (DLPack to NumPy and back;
-a tensor whose head dimension is not contiguous is copied once).  The
+Tensors cross into the C core without copies: CPU tensors through DLPack
+to NumPy and back, CUDA tensors through DLPack to the GPU kernels, whose
+results (ringattn.DeviceArray) come back as torch tensors over DLPack (a
+tensor whose head dimension is not contiguous is copied once).  The
 gradients are ringattn's exact flash-style backward through the ring; each
-has its input's dtype (float32 or float16; float64 is refused, as
-everywhere in ringattn).  CUDA tensors are not supported here yet: the GPU
-backward kernels do not exist in this version.
+has its input's dtype: float32 or float16, also bfloat16 on the GPU, and
+float64 on the CPU only -- computed in double throughout, so that
+torch.autograd.gradcheck works with its default tolerances.  With comm= an
+NCCL communicator takes CUDA tensors and an MPI one CPU tensors.
 """
 
 import numpy as np
@@ -21,13 +24,19 @@ import torch
 from . import _api
 
 
-def _to_numpy(t, name):
+def _arg(t, name):
+    """What ringattn takes for a tensor: a NumPy view of a CPU tensor, the
+    (detached) tensor itself on CUDA."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    t = t.detach()
+    if t.dim() == 4 and t.stride(-1) != 1:
+        t = t.contiguous()  # e.g. the expanded ones of loss.sum()
+    if t.device.type == "cuda":
+        return t
     if t.device.type != "cpu":
-        raise TypeError(f"{name} is on {t.device}: ringattn.torch supports CPU tensors only in this version "
-                        "(there are no GPU backward kernels yet)")
-    return np.from_dlpack(t.detach())  # zero-copy view of the tensor's memory
+        raise TypeError(f"{name} is on {t.device}: ringattn runs on CPU and CUDA tensors")
+    return np.from_dlpack(t)  # zero-copy view of the tensor's memory
 
 
 class _RingFunction(torch.autograd.Function):
@@ -35,14 +44,14 @@ class _RingFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, ring):
-        qn, kn, vn = (_to_numpy(t, n) for t, n in ((q, "q"), (k, "k"), (v, "v")))
+        qn, kn, vn = (_arg(t, n) for t, n in ((q, "q"), (k, "k"), (v, "v")))
         o, lse = ring(qn, kn, vn, requires_grad=True, return_lse=True)
         ctx.ring = ring
         return torch.from_dlpack(o)
 
     @staticmethod
     def backward(ctx, grad_out):
-        g = _to_numpy(grad_out, "grad_output")
+        g = _arg(grad_out, "grad_output")
         dq, dk, dv = ctx.ring.backward(g)  # may run again with retain_graph=True
         return torch.from_dlpack(dq), torch.from_dlpack(dk), torch.from_dlpack(dv), None
 
@@ -68,7 +77,8 @@ class RingDilatedAttention(torch.nn.Module):
         ring = _api.RingDilatedAttention(
             self.ring.segment_lengths, self.ring.dilation_rates, causal=self.ring.causal, mode=self.ring.mode,
             scale=self.ring.scale, world_size=None if self.ring.comm else self.ring.world_size,
-            nan_policy=self.ring.nan_policy, num_threads=self.ring.num_threads, comm=self.ring.comm)
+            nan_policy=self.ring.nan_policy, num_threads=self.ring.num_threads, comm=self.ring.comm,
+            device=self.ring.device)
         out = _RingFunction.apply(q, k, v, ring)
         self.ring.last_stats = ring.last_stats
         return out

@@ -30,20 +30,21 @@ def check_case(name, b, n, h, d, segs, rates, causal=False, mode="groups", dtype
     out = np.full_like(local[0], np.nan)  # poison: unwritten rows fail
     o, lse = attn(*local, out=out, return_lse=True)
     mine = ringattn.split_sequence(ref, comm=comm)
-    tol = 1e-2 if dtype == np.float16 else 2e-5
+    tol, same_tol = {np.float16: (1e-2, 1e-2), np.float64: (1e-12, 1e-13)}.get(dtype, (2e-5, 1e-5))
     err = float(np.abs(o.astype(np.float64) - mine).max()) / max(float(np.abs(mine).max()), 1e-3)
     assert np.all(np.isfinite(o)), f"{name}: non-finite output on rank {RANK}"
     assert err <= tol, f"{name}: rank {RANK} relative error {err:.2e} > {tol}"
-    same = float(np.abs(o.astype(np.float32) - ringattn.split_sequence(single, comm=comm).astype(np.float32)).max())
-    assert same <= (1e-2 if dtype == np.float16 else 1e-5), f"{name}: differs from single process by {same}"
+    assert lse.dtype == (np.float64 if dtype == np.float64 else np.float32), f"{name}: lse dtype {lse.dtype}"
+    same = float(np.abs(o.astype(np.float64) - ringattn.split_sequence(single, comm=comm).astype(np.float64)).max())
+    assert same <= same_tol, f"{name}: differs from single process by {same}"
     full = ringattn.gather_sequence(o, comm=comm)
     assert full.shape == q.shape and np.array_equal(ringattn.split_sequence(full, comm=comm), o)
     return attn.last_stats
 
 
-def check_gradients(name, b, n, h, d, segs, rates, causal=False, mode="groups", seed=1):
+def check_gradients(name, b, n, h, d, segs, rates, causal=False, mode="groups", seed=1, dtype=np.float32):
     rng = np.random.default_rng(seed)
-    q, k, v, g = (rng.standard_normal((b, n, h, d)).astype(np.float32) for _ in range(4))
+    q, k, v, g = (rng.standard_normal((b, n, h, d)).astype(dtype) for _ in range(4))
     want = reference_backward(q, k, v, g, segs, rates, causal, mode)
     attn = ringattn.RingDilatedAttention(segs, rates, causal=causal, mode=mode, comm=comm)
     attn(*(ringattn.split_sequence(x, comm=comm) for x in (q, k, v)), requires_grad=True)
@@ -51,7 +52,8 @@ def check_gradients(name, b, n, h, d, segs, rates, causal=False, mode="groups", 
     for gname, x, ref in zip(("dq", "dk", "dv"), got, want):
         mine = ringattn.split_sequence(ref, comm=comm)
         err = float(np.abs(x - mine).max()) / max(float(np.abs(ref).max()), 1e-6)
-        assert x.dtype == np.float32 and err < 1e-4, f"{name}: {gname} on rank {RANK} error {err:.2e}"
+        tol = 1e-11 if dtype == np.float64 else 1e-4
+        assert x.dtype == dtype and err < tol, f"{name}: {gname} on rank {RANK} error {err:.2e}"
 
 
 def expect_error_everywhere(name, exc_type, fn, match):
@@ -81,11 +83,15 @@ def main():
     st = check_case("local", 1, 64 * K, 2, 16, [32, 64], [1, 2])
     assert st["bytes_sent"] == [0], st
     check_case("fp16", 1, 64 * K, 2, 64, [64 * K], [1], causal=True, dtype=np.float16)
+    # float64: double accumulators, double dK/dV on the wire
+    check_case("fp64", 1, 32 * K, 3, 8, [16, 32 * K], [1, 2], causal=True, mode="longnet", dtype=np.float64)
     # gradients through the ring: a spanning branch (sub-ring) and a local one
     check_gradients("grad dense causal", 1, 32 * K, 2, 16, [32 * K], [1], causal=True)
     check_gradients("grad dilated longnet", 1, 32 * K, 3, 8, [16, 32 * K], [1, 2], causal=True, mode="longnet")
     if K >= 4:
         check_gradients("grad sub-rings", 1, 32 * K, 2, 8, [64], [2])
+    check_gradients("grad fp64", 1, 16 * K, 3, 8, [8, 16 * K], [1, 2], causal=True, mode="longnet",
+                    dtype=np.float64)
 
     # mismatched configuration: rank 1 asks for other segments
     if K > 1:
@@ -100,8 +106,8 @@ def main():
             bad[0, 3, 1, 2] = np.nan
         attn = ringattn.RingDilatedAttention([64 * K], [1], comm=comm)
         expect_error_everywhere("nan", ValueError, lambda: attn(shard, bad, shard), "NaN")
-        # one rank's input fails Python-side validation (float64)
-        q = shard.astype(np.float64) if RANK == 0 else shard
+        # one rank's input fails Python-side validation (int32)
+        q = shard.astype(np.int32) if RANK == 0 else shard
         expect_error_everywhere("dtype", (TypeError, ValueError), lambda: attn(q, shard, shard), "float")
         # a backward whose dout is refused on one rank raises everywhere
         attn = ringattn.RingDilatedAttention([64 * K], [1], comm=comm)

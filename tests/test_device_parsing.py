@@ -610,17 +610,26 @@ def test_raw_forward_without_gpu_is_refused():
         pytest.skip("a GPU is present")
     # the C entry point itself: plan errors first, then "no device"/"no CUDA"
     with pytest.raises(ValueError, match="segment"):
-        _cuda.forward(BASE, BASE, BASE, BASE, None, (1, 64, 4, 16), [(4096, 64, 16, 1)] * 4, 0, [48], [1],
-                      False, 0, 0.0, 1)
+        _cuda.run([BASE] * 4, None, (1, 64, 4, 16), [(4096, 64, 16, 1)] * 4, 0, [48], [1],
+                   False, 0, 0.0, 1)
     with pytest.raises(ValueError, match=_w("k") + ".*contiguous"):
-        _cuda.forward(BASE, BASE, BASE, BASE, None, (1, 64, 4, 16), [(4096, 64, 16, 1), (4096, 64, 16, 2)] * 2,
+        _cuda.run([BASE] * 4, None, (1, 64, 4, 16), [(4096, 64, 16, 1), (4096, 64, 16, 2)] * 2,
                       0, [64], [1], False, 0, 0.0, 1)
     with pytest.raises(TypeError, match="dtype"):
-        _cuda.forward(BASE, BASE, BASE, BASE, None, (1, 64, 4, 16), [(4096, 64, 16, 1)] * 4, 7, [64], [1],
-                      False, 0, 0.0, 1)
+        _cuda.run([BASE] * 4, None, (1, 64, 4, 16), [(4096, 64, 16, 1)] * 4, 7, [64], [1],
+                   False, 0, 0.0, 1)
     with pytest.raises(Exception):  # noqa: B017 - no device: a RingAttnError or TypeError from the core
-        _cuda.forward(BASE, BASE, BASE, BASE, None, (1, 64, 4, 16), [(4096, 64, 16, 1)] * 4, 0, [64], [1],
-                      False, 0, 0.0, 1)
+        _cuda.run([BASE] * 4, None, (1, 64, 4, 16), [(4096, 64, 16, 1)] * 4, 0, [64], [1],
+                   False, 0, 0.0, 1)
+    # the backward: 8 tensors and the forward's lse
+    with pytest.raises(ValueError, match="lse"):
+        _cuda.run([BASE] * 8, None, (1, 64, 4, 16), [(4096, 64, 16, 1)] * 8, 0, [64], [1], False, 0, 0.0, 1)
+    with pytest.raises(ValueError, match="4 .forward. or 8"):
+        _cuda.run([BASE] * 5, BASE, (1, 64, 4, 16), [(4096, 64, 16, 1)] * 5, 0, [64], [1], False, 0, 0.0, 1)
+    with pytest.raises(ValueError, match="one stride tuple per tensor"):
+        _cuda.run([BASE] * 8, BASE, (1, 64, 4, 16), [(4096, 64, 16, 1)] * 4, 0, [64], [1], False, 0, 0.0, 1)
+    with pytest.raises(Exception):  # noqa: B017 - no device
+        _cuda.run([BASE] * 8, BASE, (1, 64, 4, 16), [(4096, 64, 16, 1)] * 8, 0, [64], [1], False, 0, 0.0, 1)
 
 
 # ------------------------------------------------------------- bfloat16 helpers

@@ -19,7 +19,7 @@ from ringattn import DeviceArray, _device
 if ringattn.cuda_device_count() == 0:
     pytest.skip("no CUDA device (ringattn.cuda_device_count() == 0)", allow_module_level=True)
 
-from reference import reference_attention  # noqa: E402  (tests/ is on sys.path via conftest)
+from reference import reference_attention, reference_backward  # noqa: E402  (tests/ is on sys.path via conftest)
 
 try:
     import torch
@@ -424,3 +424,175 @@ def test_cupy_takes_device_array():
     assert c.data.ptr == a.ptr and np.array_equal(cupy.asnumpy(c), a.numpy())
     d = cupy.from_dlpack(a)
     assert d.data.ptr == a.ptr
+
+
+# ----------------------------------------------------------------- backward
+
+GRAD_TOL = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 3e-2}
+
+
+def check_grads(got, ref, dtype, what):
+    for name, g, r in zip(("dq", "dk", "dv"), got, ref):
+        g = np.asarray(g, dtype=np.float64)
+        assert g.shape == r.shape, f"{what}: {name} shape {g.shape} != {r.shape}"
+        assert np.all(np.isfinite(g)), f"{what}: {name} has non-finite values"
+        denom = max(float(np.abs(r).max()), 1e-3)
+        err = float(np.abs(g - r).max())
+        assert err <= GRAD_TOL[dtype] * denom, f"{what}: {name} max abs err {err:.3e} > {GRAD_TOL[dtype]:.0e} * {denom:.3e}"
+
+
+def run_backward_case(b, n, h, d, segs, rates, dtype, causal=False, mode="groups", world=1, seed=None):
+    """Forward and backward through RingDilatedAttention on DeviceArrays; the
+    gradients against the float64 analytic backward of the reference."""
+    seed = fresh_seed() if seed is None else seed
+    what = f"backward b={b} n={n} h={h} d={d} segs={segs} rates={rates} {dtype} causal={causal} mode={mode} " \
+           f"world={world} seed={seed}"
+    hq, hk, hv = host_inputs(seed, (b, n, h, d), dtype)
+    (hg,) = host_inputs(seed + 1, (b, n, h, d), dtype)[:1]
+    dq, dk, dv, dg = (DeviceArray.from_numpy(x, dtype) for x in (hq, hk, hv, hg))
+    ring = ringattn.RingDilatedAttention(segs, rates, causal=causal, mode=mode, world_size=world)
+    ring(dq, dk, dv, requires_grad=True)
+    grads = ring.backward(dg)
+    assert all(isinstance(g, DeviceArray) and g.dtype == dq.dtype and g.shape == dq.shape for g in grads), what
+    ref = reference_backward(hq, hk, hv, hg, segs, rates, causal=causal, mode=mode)
+    check_grads([g.numpy() for g in grads], ref, dtype, what)
+    stats = ring.last_stats
+    assert all(len(v) == world for v in stats.values()) and all(p > 0 for p in stats["peak_bytes"]), what
+    return stats
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["groups", "longnet"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_backward_matches_reference(dtype, mode, causal):
+    run_backward_case(2, 512, 5, 64, [128, 512], [1, 2], dtype, causal=causal, mode=mode)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_backward_dense_head_dims(dtype, d, causal):
+    run_backward_case(1, 384, 3, d, [384], [1], dtype, causal=causal)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 5, 6, 7, 8])
+def test_backward_ring_sizes_dense(world):
+    run_backward_case(1, 840, 2, 64, [840], [1], "bfloat16", causal=True, world=world)
+
+
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+@pytest.mark.parametrize("mode", ["groups", "longnet"])
+def test_backward_ring_sizes_dilated(world, mode):
+    run_backward_case(1, 1024, 4, 64, [128, 512], [1, 4], "float16", causal=True, mode=mode, world=world)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_backward_ring_equals_single_rank(dtype):
+    """Every ring size gives the single-rank gradients (to rounding)."""
+    seed = fresh_seed()
+    hq, hk, hv, hg = host_inputs(seed, (1, 960, 3, 64), dtype) + host_inputs(seed + 1, (1, 960, 3, 64), dtype)[:1]
+    args = [DeviceArray.from_numpy(x, dtype) for x in (hq, hk, hv, hg)]
+    base = None
+    for world in (1, 2, 4, 8):
+        ring = ringattn.RingDilatedAttention([240, 960], [1, 3], causal=True, mode="longnet", world_size=world)
+        ring(*args[:3], requires_grad=True)
+        grads = [g.numpy().astype(np.float64) for g in ring.backward(args[3])]
+        if base is None:
+            base = grads
+            continue
+        for name, g, r in zip(("dq", "dk", "dv"), grads, base):
+            err = np.abs(g - r).max() / max(np.abs(r).max(), 1e-3)
+            assert err <= (1e-5 if dtype == "float32" else 4e-3), f"world={world} {name} {err:.2e} seed={seed}"
+
+
+def test_backward_functional_and_host_inputs():
+    seed = fresh_seed()
+    hq, hk, hv = host_inputs(seed, (2, 256, 3, 64), "float32")
+    (hg,) = host_inputs(seed + 1, (2, 256, 3, 64), "float32")[:1]
+    segs, rates = [128, 256], [1, 2]
+    ref = reference_backward(hq, hk, hv, hg, segs, rates, causal=True)
+    args = [DeviceArray.from_numpy(x) for x in (hq, hk, hv)]
+    o, lse = ringattn.dilated_attention(*args, segs, rates, causal=True, return_lse=True)
+    grads = ringattn.dilated_attention_backward(*args, o, lse, DeviceArray.from_numpy(hg), segs, rates, causal=True)
+    check_grads([g.numpy() for g in grads], ref, "float32", f"functional seed={seed}")
+    # host arrays with device="cuda": NumPy in, NumPy out
+    o_h, lse_h = ringattn.dilated_attention(hq, hk, hv, segs, rates, causal=True, return_lse=True)
+    grads = ringattn.dilated_attention_backward(hq, hk, hv, o_h, lse_h, hg, segs, rates, causal=True, device="cuda")
+    assert all(isinstance(g, np.ndarray) and g.dtype == np.float32 for g in grads)
+    check_grads(grads, ref, "float32", f"host device=cuda seed={seed}")
+
+
+def test_backward_errors():
+    a = DeviceArray.from_numpy(np.ones((1, 64, 1, 64), np.float32))
+    o, lse = ringattn.dilated_attention(a, a, a, [64], [1], return_lse=True)
+    with pytest.raises(ValueError, match="lse"):
+        ringattn.dilated_attention_backward(a, a, a, o, DeviceArray.from_numpy(np.zeros((1, 1, 32), np.float32)),
+                                            a, [64], [1])
+    with pytest.raises(ValueError, match="dout"):
+        ringattn.dilated_attention_backward(a, a, a, o, lse, np.ones((1, 64, 1, 64), np.float32), [64], [1])
+    half = DeviceArray.from_numpy(np.ones((1, 64, 1, 64), np.float32), "float16")
+    with pytest.raises(TypeError, match="dout"):
+        ringattn.dilated_attention_backward(a, a, a, o, lse, half, [64], [1])
+
+
+@needs_torch
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_torch_autograd_cuda(dtype):
+    import ringattn.torch as rt
+    seed = fresh_seed()
+    tdt = getattr(torch, dtype)
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q, k, v = (torch.randn(1, 512, 4, 64, device="cuda", dtype=tdt, generator=g).requires_grad_() for _ in range(3))
+    w = torch.randn(1, 512, 4, 64, device="cuda", dtype=tdt, generator=g)
+    layer = rt.RingDilatedAttention([128, 512], [1, 2], causal=True, world_size=2)
+    o = layer(q, k, v)
+    assert o.device.type == "cuda" and o.dtype == tdt
+    (o.float() * w.float()).sum().backward()
+    assert all(x.grad is not None and x.grad.dtype == tdt and x.grad.device.type == "cuda" for x in (q, k, v))
+    hq, hk, hv, hw = (t.detach().float().cpu().numpy() for t in (q, k, v, w))
+    ref = reference_backward(hq, hk, hv, hw, [128, 512], [1, 2], causal=True)
+    check_grads([x.grad.float().cpu().numpy() for x in (q, k, v)], ref, dtype, f"torch autograd seed={seed}")
+
+
+@needs_torch
+def test_torch_sum_backward_expanded_grad():
+    """loss = o.sum() hands backward an expanded (stride 0) gradient."""
+    import ringattn.torch as rt
+    q, k, v = (torch.randn(1, 128, 2, 64, device="cuda", requires_grad=True) for _ in range(3))
+    rt.dilated_attention(q, k, v, [128], [1], causal=True).sum().backward()
+    hq, hk, hv = (t.detach().cpu().numpy() for t in (q, k, v))
+    ref = reference_backward(hq, hk, hv, np.ones_like(hq), [128], [1], causal=True)
+    check_grads([x.grad.cpu().numpy() for x in (q, k, v)], ref, "float32", "sum backward")
+
+
+# -------------------------------------------------------------------- NCCL
+
+def _nccl_comm():
+    if not ringattn._core.have()["nccl"]:
+        pytest.skip("built without NCCL")
+    try:
+        return ringattn.Communicator.nccl(ringattn.nccl_unique_id(), 1, 0, 0)
+    except (RuntimeError, NotImplementedError) as e:  # pragma: no cover - no libnccl here
+        pytest.skip(f"NCCL unavailable: {e}")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_nccl_single_rank_forward_backward(dtype):
+    """One NCCL rank: the communicator's device path (agreement over NCCL,
+    the CUDA ring rank) forward and backward against the reference."""
+    comm = _nccl_comm()
+    seed = fresh_seed()
+    hq, hk, hv = host_inputs(seed, (1, 512, 4, 64), dtype)
+    (hg,) = host_inputs(seed + 1, (1, 512, 4, 64), dtype)[:1]
+    args = [DeviceArray.from_numpy(x, dtype) for x in (hq, hk, hv, hg)]
+    ring = ringattn.RingDilatedAttention([128, 512], [1, 2], causal=True, comm=comm)
+    o, lse = ring(*args[:3], return_lse=True, requires_grad=True)
+    ref_o, ref_lse = reference_attention(hq, hk, hv, [128, 512], [1, 2], causal=True)
+    check_out(o.numpy(), ref_o, dtype, f"nccl forward seed={seed}")
+    check_lse(lse.numpy(), ref_lse, dtype, f"nccl forward seed={seed}")
+    grads = ring.backward(args[3])
+    ref = reference_backward(hq, hk, hv, hg, [128, 512], [1, 2], causal=True)
+    check_grads([g.numpy() for g in grads], ref, dtype, f"nccl backward seed={seed}")
+    with pytest.raises(TypeError, match="CUDA arrays"):
+        ring(hq, hk, hv)
+    comm.close()

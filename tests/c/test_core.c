@@ -42,32 +42,50 @@ static ra_tensor contiguous(void *data, const ra_config *c) {
   return t;
 }
 
-/* Run the in-process ring on random inputs and compare with naive(); returns
- * the largest absolute error of o, or +inf on a failed call. */
+/* Element i of an fp32 array, or of a double one for RA_FLOAT64 (whose
+ * outputs and lse are double). */
+static double get(const void *x, ra_dtype t, int64_t i) {
+  return t == RA_FLOAT64 ? ((const double *)x)[i] : ((const float *)x)[i];
+}
+
+/* `count` elements filled from x (float, widened exactly for RA_FLOAT64),
+ * or NaN when x is NULL (poison: an unwritten output fails). */
+static void *filled(const float *x, int64_t count, ra_dtype t) {
+  void *out = malloc((t == RA_FLOAT64 ? sizeof(double) : sizeof(float)) * (size_t)count);
+  for (int64_t i = 0; i < count; i++) {
+    if (t == RA_FLOAT64) ((double *)out)[i] = x ? (double)x[i] : NAN;
+    else ((float *)out)[i] = x ? x[i] : NAN;
+  }
+  return out;
+}
+
+/* Run the in-process ring (c->dtype: RA_FLOAT32 or RA_FLOAT64) on random
+ * inputs and compare with naive(); returns the largest absolute error of o,
+ * or +inf on a failed call. */
 static double ring_error(const ra_config *c, ra_stats *stats, double *lse_err) {
   int64_t count = c->batch * c->seq_len * c->num_heads * c->head_dim;
   int64_t rows = c->batch * c->num_heads * c->seq_len;
   float *q = random_tensor(count), *k = random_tensor(count), *v = random_tensor(count);
-  float *o = malloc(sizeof(float) * (size_t)count), *lse = malloc(sizeof(float) * (size_t)rows);
+  void *qt = filled(q, count, c->dtype), *kt = filled(k, count, c->dtype), *vt = filled(v, count, c->dtype);
+  void *o = filled(NULL, count, c->dtype), *lse = filled(NULL, rows, c->dtype);
   double *ref = malloc(sizeof(double) * (size_t)count), *ref_lse = malloc(sizeof(double) * (size_t)rows);
-  for (int64_t i = 0; i < count; i++) o[i] = NAN; /* poison: unwritten output fails */
-  for (int64_t i = 0; i < rows; i++) lse[i] = NAN;
   double err = INFINITY;
   ra_plan *plan = NULL;
   if (ra_plan_create(c, &plan) == RA_OK) {
     ra_exec exec = {2, 1};
-    ra_status st = ra_inproc_forward(plan, contiguous(q, c), contiguous(k, c), contiguous(v, c),
+    ra_status st = ra_inproc_forward(plan, contiguous(qt, c), contiguous(kt, c), contiguous(vt, c),
                                      contiguous(o, c), lse, &exec, stats);
     if (st == RA_OK) {
       naive_attention(c, q, k, v, ref, ref_lse);
       err = 0;
       *lse_err = 0;
       for (int64_t i = 0; i < count; i++) {
-        double e = fabs((double)o[i] - ref[i]);
+        double e = fabs(get(o, c->dtype, i) - ref[i]);
         if (!(e <= err)) err = e; /* NaN counts as failure */
       }
       for (int64_t i = 0; i < rows; i++) {
-        double e = isinf(ref_lse[i]) ? (lse[i] == ref_lse[i] ? 0 : INFINITY) : fabs((double)lse[i] - ref_lse[i]);
+        double l = get(lse, c->dtype, i);
+        double e = isinf(ref_lse[i]) ? (l == ref_lse[i] ? 0 : INFINITY) : fabs(l - ref_lse[i]);
         if (!(e <= *lse_err)) *lse_err = e;
       }
     } else {
@@ -75,7 +93,7 @@ static double ring_error(const ra_config *c, ra_stats *stats, double *lse_err) {
     }
   }
   ra_plan_destroy(plan);
-  free(q); free(k); free(v); free(o); free(lse); free(ref); free(ref_lse);
+  free(q); free(k); free(v); free(qt); free(kt); free(vt); free(o); free(lse); free(ref); free(ref_lse);
   return err;
 }
 
@@ -172,7 +190,9 @@ static void test_merge(void) {
   CHECK(fabs(a4[0] - 2.0f) < 1e-6 && fabs(l4 - (1000.0 + log(2.0))) < 1e-3);
 }
 
-static void test_forward_matches_naive(void) {
+/* Every case in float32 (tol 2e-5) and in float64, whose double path must
+ * match the double reference to rounding (tol 1e-12). */
+static void forward_cases(ra_dtype dtype, double tol) {
   struct {
     int64_t b, n, h, d;
     int G;
@@ -193,13 +213,61 @@ static void test_forward_matches_naive(void) {
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
     ra_config c = make_config(cases[i].b, cases[i].n, cases[i].h, cases[i].d, cases[i].G, cases[i].s,
                               cases[i].r, cases[i].causal, cases[i].mode, cases[i].world);
+    c.dtype = dtype;
     ra_stats stats[8];
     double lse_err = INFINITY, err = ring_error(&c, stats, &lse_err);
-    if (!(err < 2e-5 && lse_err < 2e-5)) {
+    if (!(err < tol && lse_err < tol)) {
       fprintf(stderr, "  case %zu: max error %.3g, lse error %.3g\n", i, err, lse_err);
       failures_in_test++;
     }
     for (int rk = 0; rk < c.world_size; rk++) CHECK(stats[rk].current_bytes == 0);
+  }
+}
+
+static void test_forward_matches_naive(void) { forward_cases(RA_FLOAT32, 2e-5); }
+static void test_float64_matches_naive(void) { forward_cases(RA_FLOAT64, 1e-12); }
+
+/* The float64 backward through a ring (spanning sub-rings: dK/dV travel in
+ * double) equals the single-rank one to rounding. */
+static void test_float64_backward_ring(void) {
+  int64_t s[2] = {16, 64}, r[2] = {1, 2};
+  for (int causal = 0; causal < 2; causal++) {
+    double *out[2][3];
+    for (int pass = 0; pass < 2; pass++) {
+      ra_config c = make_config(1, 64, 3, 8, 2, s, r, causal, RA_MODE_LONGNET, pass ? 4 : 1);
+      c.dtype = RA_FLOAT64;
+      const int64_t count = 64 * 3 * 8, rows = 3 * 64;
+      rng_state = 0x1234567ull; /* the same inputs for both passes */
+      float *x[4];
+      for (int i = 0; i < 4; i++) x[i] = random_tensor(count);
+      double *q = filled(x[0], count, c.dtype), *k = filled(x[1], count, c.dtype), *v = filled(x[2], count, c.dtype);
+      double *g = filled(x[3], count, c.dtype), *o = filled(NULL, count, c.dtype), *lse = filled(NULL, rows, c.dtype);
+      for (int i = 0; i < 3; i++) out[pass][i] = filled(NULL, count, c.dtype);
+      ra_plan *plan;
+      ra_exec exec = {2, 1};
+      CHECK(ra_plan_create(&c, &plan) == RA_OK);
+      CHECK(ra_inproc_forward(plan, contiguous(q, &c), contiguous(k, &c), contiguous(v, &c), contiguous(o, &c),
+                              lse, &exec, NULL) == RA_OK);
+      CHECK(ra_inproc_backward(plan, contiguous(q, &c), contiguous(k, &c), contiguous(v, &c), contiguous(o, &c),
+                               contiguous(g, &c), lse, contiguous(out[pass][0], &c), contiguous(out[pass][1], &c),
+                               contiguous(out[pass][2], &c), &exec, NULL) == RA_OK);
+      ra_plan_destroy(plan);
+      for (int i = 0; i < 4; i++) free(x[i]);
+      free(q); free(k); free(v); free(g); free(o); free(lse);
+    }
+    double err = 0, mag = 0;
+    for (int i = 0; i < 3; i++)
+      for (int64_t j = 0; j < 64 * 3 * 8; j++) {
+        double e = fabs(out[1][i][j] - out[0][i][j]);
+        if (!(e <= err)) err = e; /* NaN (unwritten) counts as failure */
+        if (fabs(out[0][i][j]) > mag) mag = fabs(out[0][i][j]);
+      }
+    if (!(err < 1e-13 && mag > 0.1)) {
+      fprintf(stderr, "  causal=%d: ring vs single rank %.3g (largest gradient %.3g)\n", causal, err, mag);
+      failures_in_test++;
+    }
+    for (int p = 0; p < 2; p++)
+      for (int i = 0; i < 3; i++) free(out[p][i]);
   }
 }
 
@@ -263,6 +331,16 @@ static void test_nonfinite_refused(void) {
                           contiguous(o, &c), NULL, &exec, NULL) == RA_ERR_NONFINITE);
   CHECK(strstr(ra_last_error(), "k contains") != NULL);
   ra_plan_destroy(plan);
+  /* float64: an infinity in v (the scan reads 8-byte elements) */
+  c.dtype = RA_FLOAT64;
+  double *q64 = filled(q, 128, c.dtype), *v64 = filled(v, 128, c.dtype), o64[128];
+  v64[127] = INFINITY;
+  CHECK(ra_plan_create(&c, &plan) == RA_OK);
+  CHECK(ra_inproc_forward(plan, contiguous(q64, &c), contiguous(q64, &c), contiguous(v64, &c),
+                          contiguous(o64, &c), NULL, &exec, NULL) == RA_ERR_NONFINITE);
+  CHECK(strstr(ra_last_error(), "v contains") != NULL);
+  ra_plan_destroy(plan);
+  free(q64); free(v64);
   free(q); free(k); free(v);
 }
 
@@ -292,6 +370,8 @@ int main(void) {
       {"plan_validation", test_plan_validation},
       {"merge", test_merge},
       {"forward_matches_naive", test_forward_matches_naive},
+      {"float64_matches_naive", test_float64_matches_naive},
+      {"float64_backward_ring", test_float64_backward_ring},
       {"memory_falls_with_ranks", test_memory_falls_with_ranks},
       {"causal_pipeline_sends_less", test_causal_pipeline_sends_less},
       {"local_branch_never_communicates", test_local_branch_never_communicates},

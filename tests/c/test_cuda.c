@@ -9,6 +9,8 @@
  * both modes, causal and not, ring sizes 1 to 8, local and spanning
  * branches, head dims 64 / 128 (tensor cores) and others (SIMT kernel),
  * padded layouts, and the tensor-core cases again on the SIMT kernel.
+ * The CUDA backward (ra_cuda_backward) is compared in the same way with the
+ * CPU ring's backward (ra_inproc_backward), given the same o, lse and dout.
  */
 #define _POSIX_C_SOURCE 200809L
 #include <cuda_runtime_api.h>
@@ -281,6 +283,138 @@ static void test_forward(void) {
   cudaStreamDestroy(user_stream);
 }
 
+/* ----------------------------------------------------------- the backward */
+
+/* Largest |a - b| over the d used columns of every row (a: device dtype, b:
+ * reference dtype); padding columns of a must still hold the NaN poison.
+ * Returns the error relative to max(|b|, 1e-3) and counts bad values. */
+static double grad_error(const void *a, ra_dtype ta, const void *b, ra_dtype tb, int64_t total, int64_t sh,
+                         int64_t d, int64_t *unwritten) {
+  double err = 0.0, scale = 1e-3;
+  for (int64_t i = 0; i < total; i++) {
+    const float g = get(a, ta, i);
+    if (i % sh >= d) {
+      if (!isnan(g)) (*unwritten)++;
+      continue;
+    }
+    const double r = get(b, tb, i), e = fabs(g - r);
+    if (!(e <= err)) err = e; /* a NaN makes err NaN */
+    if (fabs(r) > scale) scale = fabs(r);
+  }
+  return err / scale;
+}
+
+/* ra_cuda_backward against ra_inproc_backward on the same plan: both get
+ * the CPU forward's o (rounded to the device dtype) and lse, and the same
+ * dout; dq, dk, dv are NaN-poisoned first. */
+static int64_t run_backward_case(const fwd_case *fc, int causal, ra_dtype dtype, const char *kernel) {
+  const int64_t sh = fc->d + fc->pad, sn = fc->h * sh, sb = fc->n * sn;
+  const int64_t total = fc->b * sb, rows = fc->b * fc->h * fc->n;
+  const ra_dtype ref_dtype = dtype == RA_BFLOAT16 ? RA_FLOAT32 : dtype;
+  const size_t es = dtype_bytes(dtype), res = dtype_bytes(ref_dtype);
+  const double tol = dtype == RA_FLOAT32 ? 1e-4 : dtype == RA_FLOAT16 ? 1e-2 : 3e-2;
+  static unsigned seed = 77;
+  int64_t bad = 0;
+  ra_config dc = case_config(fc, causal, dtype), rc = case_config(fc, causal, ref_dtype);
+  ra_plan *dplan = NULL, *rplan = NULL;
+  if (ra_plan_create(&dc, &dplan) != RA_OK || ra_plan_create(&rc, &rplan) != RA_OK) {
+    fprintf(stderr, "  %s: plan: %s\n", fc->name, ra_last_error());
+    ra_plan_destroy(dplan);
+    return 1;
+  }
+  /* 0-2 q, k, v; 3 o; 4 dout (inputs, both dtypes); 5-7 dq, dk, dv (outputs) */
+  void *host[8], *ref[8], *dev[8];
+  float *lse = malloc(sizeof(float) * (size_t)rows), *d_lse = NULL;
+  for (int t = 0; t < 8; t++) {
+    host[t] = malloc(es * (size_t)total);
+    ref[t] = malloc(res * (size_t)total);
+    dev[t] = NULL;
+    CHECK(cudaMalloc(&dev[t], es * (size_t)total) == cudaSuccess);
+    if (t == 3 || t > 4) continue;
+    for (int64_t i = 0; i < total; i++) {
+      put(host[t], dtype, i, frand(&seed));
+      put(ref[t], ref_dtype, i, get(host[t], dtype, i));
+    }
+  }
+  CHECK(cudaMalloc((void **)&d_lse, sizeof(float) * (size_t)rows) == cudaSuccess);
+  ra_tensor tr[8], td[8];
+  for (int t = 0; t < 8; t++) {
+    tr[t] = (ra_tensor){ref[t], sb, sn, sh};
+    td[t] = (ra_tensor){dev[t], sb, sn, sh};
+  }
+  ra_exec exec = {0, 0};
+  ra_status st = ra_inproc_forward(rplan, tr[0], tr[1], tr[2], tr[3], lse, &exec, NULL);
+  for (int64_t i = 0; i < total && st == RA_OK; i++) { /* o in the device dtype, the reference alike */
+    put(host[3], dtype, i, get(ref[3], ref_dtype, i));
+    put(ref[3], ref_dtype, i, get(host[3], dtype, i));
+  }
+  for (int t = 5; t < 8; t++) memset(ref[t], 0xff, res * (size_t)total);
+  if (st == RA_OK) st = ra_inproc_backward(rplan, tr[0], tr[1], tr[2], tr[3], tr[4], lse, tr[5], tr[6], tr[7], &exec, NULL);
+  if (st != RA_OK) {
+    fprintf(stderr, "  %s: CPU reference failed: %s\n", fc->name, ra_last_error());
+    bad++;
+  }
+  for (int t = 0; t < 5; t++) CHECK(cudaMemcpy(dev[t], host[t], es * (size_t)total, cudaMemcpyHostToDevice) == cudaSuccess);
+  for (int t = 5; t < 8; t++) CHECK(cudaMemsetAsync(dev[t], 0xff, es * (size_t)total, user_stream) == cudaSuccess);
+  CHECK(cudaMemcpy(d_lse, lse, sizeof(float) * (size_t)rows, cudaMemcpyHostToDevice) == cudaSuccess);
+  ra_stats *stats = calloc((size_t)fc->world, sizeof *stats);
+  if (kernel) setenv("RINGATTN_CUDA_KERNEL", kernel, 1);
+  ra_status gst = ra_cuda_backward(dplan, td[0], td[1], td[2], td[3], td[4], d_lse, td[5], td[6], td[7],
+                                   user_stream, stats);
+  if (kernel) unsetenv("RINGATTN_CUDA_KERNEL");
+  if (gst != RA_OK) {
+    fprintf(stderr, "  %s: ra_cuda_backward failed: %s\n", fc->name, ra_last_error());
+    bad++;
+  }
+  double err[3] = {0, 0, 0};
+  int64_t unwritten = 0;
+  if (st == RA_OK && gst == RA_OK) {
+    for (int t = 5; t < 8; t++) {
+      CHECK(cudaMemcpy(host[t], dev[t], es * (size_t)total, cudaMemcpyDeviceToHost) == cudaSuccess);
+      err[t - 5] = grad_error(host[t], dtype, ref[t], ref_dtype, total, sh, fc->d, &unwritten);
+      if (!(err[t - 5] <= tol)) bad++;
+    }
+    bad += unwritten;
+    for (int r = 0; r < fc->world; r++)
+      if (stats[r].current_bytes != 0 || stats[r].peak_bytes <= 0) bad++;
+  }
+  const char *dn = dtype == RA_FLOAT32 ? "fp32" : dtype == RA_FLOAT16 ? "fp16" : "bf16";
+  if (bad) {
+    fprintf(stderr, "  FAIL backward %s %s%s%s%s: rel err dq %.3g dk %.3g dv %.3g, %lld padding values written\n",
+            fc->name, dn, causal ? " causal" : "", kernel ? " kernel=" : "", kernel ? kernel : "", err[0], err[1],
+            err[2], (long long)unwritten);
+    failures++;
+  } else {
+    printf("  ok backward %-22s %s%s%s%s  rel err dq %.2e dk %.2e dv %.2e\n", fc->name, dn, causal ? " causal" : "",
+           kernel ? " kernel=" : "", kernel ? kernel : "", err[0], err[1], err[2]);
+  }
+  for (int t = 0; t < 8; t++) {
+    cudaFree(dev[t]);
+    free(host[t]);
+    free(ref[t]);
+  }
+  cudaFree(d_lse);
+  free(lse);
+  free(stats);
+  ra_plan_destroy(dplan);
+  ra_plan_destroy(rplan);
+  return bad;
+}
+
+static void test_backward(void) {
+  const ra_dtype dtypes[3] = {RA_FLOAT32, RA_FLOAT16, RA_BFLOAT16};
+  CHECK(cudaStreamCreate(&user_stream) == cudaSuccess);
+  for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++)
+    for (int causal = 0; causal < 2; causal++)
+      for (int t = 0; t < 3; t++) {
+        run_backward_case(&cases[c], causal, dtypes[t], NULL);
+        if (dtypes[t] != RA_FLOAT32 && (cases[c].d == 64 || cases[c].d == 128) && cases[c].pad == 0 &&
+            cases[c].n <= 512)
+          run_backward_case(&cases[c], causal, dtypes[t], "simt");
+      }
+  cudaStreamDestroy(user_stream);
+}
+
 /* Clear refusals: host memory, an unsupported head dim. */
 static void test_forward_errors(void) {
   ra_config c;
@@ -315,6 +449,7 @@ int main(void) {
   test_merge();
   test_forward_errors();
   test_forward();
+  test_backward();
   printf("%d failure(s)\n", failures);
   return failures ? 1 : 0;
 }
