@@ -293,17 +293,23 @@ def fmt(x, spec):
     return format("-", f">{width}")
 
 
-def table(info, dense, seed, ring, backward=()):
-    lines = [f"== ringattn GPU check: {info.get('gpu', '?')}, torch {info.get('torch', '?')} =="]
-    lines.append("(a) dense bf16 vs SDPA flash   [TFLOP/s = 4bhn^2d (/2 causal) / time; ratio = SDPA ms / ringattn ms]")
-    lines.append(f"  {'d':>4} {'n':>6} {'b*h':>5} {'causal':>6} {'ra ms':>9} {'ra TF/s':>8} {'sdpa ms':>9} "
-                 f"{'sdpa TF/s':>9} {'ratio':>6} {'err':>8}")
-    for r in dense:
+def sdpa_rows(title, rows):
+    """The lines of a ringattn-vs-SDPA table (parts a and d)."""
+    lines = [title, f"  {'d':>4} {'n':>6} {'b*h':>5} {'causal':>6} {'ra ms':>9} {'ra TF/s':>8} {'sdpa ms':>9} "
+                    f"{'sdpa TF/s':>9} {'ratio':>6} {'err':>8}"]
+    for r in rows:
         note = r.get("skipped") or r.get("ra_error") or r.get("sdpa_error") or ""
         lines.append(f"  {r['d']:>4} {r['n']:>6} {r['b'] * r['h']:>5} {str(r['causal']):>6} {fmt(r.get('ra_ms'), '9.3f')} "
                      f"{fmt(r.get('ra_tflops'), '8.1f')} {fmt(r.get('sdpa_ms'), '9.3f')} "
                      f"{fmt(r.get('sdpa_tflops'), '9.1f')} {fmt(r.get('ratio'), '6.2f')} "
                      f"{fmt(r.get('max_rel_err_vs_sdpa'), '8.1e')} {note[:60]}")
+    return lines
+
+
+def table(info, dense, seed, ring, backward=()):
+    lines = [f"== ringattn GPU check: {info.get('gpu', '?')}, torch {info.get('torch', '?')} =="]
+    lines += sdpa_rows("(a) dense bf16 vs SDPA flash   [TFLOP/s = 4bhn^2d (/2 causal) / time; "
+                       "ratio = SDPA ms / ringattn ms]", dense)
     c = SEED_CFG
     lines.append(f"(b) seed config h={c['h']} d={c['d']} segs={c['segs']} rates={c['rates']} causal groups, bf16, "
                  "vs PyTorch (SDPA per branch/segment)")
@@ -322,15 +328,8 @@ def table(info, dense, seed, ring, backward=()):
         lines.append(f"  {r['config']:>6} {r['n']:>6} {r['world_size']:>2} {fmt(r.get('ms'), '9.3f')} "
                      f"{fmt(peak, '9.1f')} {fmt(sent, '9.1f')} {fmt(r.get('max_rel_err_vs_k1'), '10.1e')} {note[:60]}")
     if backward:
-        lines.append("(d) dense backward bf16 vs SDPA flash backward   [TFLOP/s = 2.5 x forward FLOPs / time]")
-        lines.append(f"  {'d':>4} {'n':>6} {'b*h':>5} {'causal':>6} {'ra ms':>9} {'ra TF/s':>8} {'sdpa ms':>9} "
-                     f"{'sdpa TF/s':>9} {'ratio':>6} {'err':>8}")
-        for r in backward:
-            note = r.get("skipped") or r.get("ra_error") or r.get("sdpa_error") or ""
-            lines.append(f"  {r['d']:>4} {r['n']:>6} {r['b'] * r['h']:>5} {str(r['causal']):>6} "
-                         f"{fmt(r.get('ra_ms'), '9.3f')} {fmt(r.get('ra_tflops'), '8.1f')} "
-                         f"{fmt(r.get('sdpa_ms'), '9.3f')} {fmt(r.get('sdpa_tflops'), '9.1f')} "
-                         f"{fmt(r.get('ratio'), '6.2f')} {fmt(r.get('max_rel_err_vs_sdpa'), '8.1e')} {note[:60]}")
+        lines += sdpa_rows("(d) dense backward bf16 vs SDPA flash backward   [TFLOP/s = 2.5 x forward FLOPs / time]",
+                           backward)
     return "\n".join(lines)
 
 
