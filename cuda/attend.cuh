@@ -7,7 +7,8 @@
  * attention of its queries over its keys in fp32 with an online softmax in
  * base 2 (scores pre-multiplied by scale * log2 e, so exp2 replaces exp),
  * and merge each finished row into acc / lse exactly as ra_merge_rows
- * (csrc/merge.c) does.  Grid: x = task, y = query tile (tile0 + y).
+ * (csrc/merge.c) does.  Grid of the SIMT kernel: x = task, y = query tile
+ * (tile0 + y); the tensor-core kernel's is described in attend.cu.
  */
 #ifndef RINGATTN_CUDA_ATTEND_CUH
 #define RINGATTN_CUDA_ATTEND_CUH
@@ -34,7 +35,7 @@ struct attend_args {
   float scale_log2;            /* softmax scale * log2(e)             */
   int causal;
   int head_dim;
-  int tile0;                   /* query tile of blockIdx.y == 0       */
+  int tile0;                   /* first query tile of the launch      */
 };
 
 /* Launchers (attend.cu, attend_simt.cu).  ntasks >= 1; max_nq is the

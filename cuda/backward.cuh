@@ -12,11 +12,15 @@
  *   dK  += scale * dS^T Q    (fp32 rows dk + task.dkv, dkv_stride apart)
  *   dV  += P^T dO            (fp32 rows dv + task.dkv, dkv_stride apart)
  *
- * Two passes, no atomics: the dK/dV kernel owns a tile of keys of one task
- * and streams its queries; the dQ kernel owns a tile of queries and streams
- * the keys.  Within one batch the tasks' key rows (and query rows) are
- * disjoint, so blocks never write the same accumulator row.
- * csrc/cpu_backward.c is the CPU twin.
+ * Within one batch the tasks' key rows (and query rows) are disjoint.  The
+ * tensor-core path (backward.cu) by default runs one fused kernel: a block
+ * owns a tile of keys of one task, streams its queries and adds dQ with fp32
+ * atomics (the key blocks of one task share dQ rows), so dQ's summation
+ * order -- and its last bits -- vary between runs.  RINGATTN_DETERMINISTIC=1
+ * selects two passes without atomics instead, as the SIMT kernels always
+ * run: the dK/dV kernel owns a tile of keys and streams its queries, the dQ
+ * kernel owns a tile of queries and streams the keys, so blocks never write
+ * the same accumulator row.  csrc/cpu_backward.c is the CPU twin.
  */
 #ifndef RINGATTN_CUDA_BACKWARD_CUH
 #define RINGATTN_CUDA_BACKWARD_CUH
@@ -25,7 +29,7 @@
 
 /* Launch arguments, passed by value.  `a` is the forward's argument block
  * with a.acc the dQ accumulator and a.lse the rows' final lse (read only);
- * a.tile0 is unused (the launchers chunk long runs themselves). */
+ * a.tile0 is unused (the launchers split long runs or many tasks themselves). */
 struct backward_args {
   attend_args a;
   const void *dout;     /* dO, indexed like q by task.dout            */
@@ -36,11 +40,8 @@ struct backward_args {
   float scale;          /* the softmax scale (a.scale_log2 / log2 e)  */
 };
 
-/* Launchers: ntasks >= 1; max_nk / max_nq the longest key / query run. */
-ra_status ra_cuda_backward_dkdv_mma(const backward_args &b, ra_dtype dtype, int ntasks, int64_t max_nk,
-                                    cudaStream_t stream);
-ra_status ra_cuda_backward_dq_mma(const backward_args &b, ra_dtype dtype, int ntasks, int64_t max_nq,
-                                  cudaStream_t stream);
+/* Launchers (the tensor-core ones are private to backward.cu): ntasks >= 1;
+ * max_nk / max_nq the longest key / query run. */
 ra_status ra_cuda_backward_dkdv_simt(const backward_args &b, ra_dtype dtype, int ntasks, int64_t max_nk,
                                      cudaStream_t stream);
 ra_status ra_cuda_backward_dq_simt(const backward_args &b, ra_dtype dtype, int ntasks, int64_t max_nq,

@@ -358,10 +358,14 @@ static int64_t run_backward_case(const fwd_case *fc, int causal, ra_dtype dtype,
   for (int t = 5; t < 8; t++) CHECK(cudaMemsetAsync(dev[t], 0xff, es * (size_t)total, user_stream) == cudaSuccess);
   CHECK(cudaMemcpy(d_lse, lse, sizeof(float) * (size_t)rows, cudaMemcpyHostToDevice) == cudaSuccess);
   ra_stats *stats = calloc((size_t)fc->world, sizeof *stats);
-  if (kernel) setenv("RINGATTN_CUDA_KERNEL", kernel, 1);
+  /* kernel: "simt" (RINGATTN_CUDA_KERNEL) or "deterministic" (the two-pass
+   * tensor-core kernels, RINGATTN_DETERMINISTIC=1) */
+  const int det = kernel && strcmp(kernel, "deterministic") == 0;
+  const char *env = det ? "RINGATTN_DETERMINISTIC" : "RINGATTN_CUDA_KERNEL";
+  if (kernel) setenv(env, det ? "1" : kernel, 1);
   ra_status gst = ra_cuda_backward(dplan, td[0], td[1], td[2], td[3], td[4], d_lse, td[5], td[6], td[7],
                                    user_stream, stats);
-  if (kernel) unsetenv("RINGATTN_CUDA_KERNEL");
+  if (kernel) unsetenv(env);
   if (gst != RA_OK) {
     fprintf(stderr, "  %s: ra_cuda_backward failed: %s\n", fc->name, ra_last_error());
     bad++;
@@ -409,8 +413,10 @@ static void test_backward(void) {
       for (int t = 0; t < 3; t++) {
         run_backward_case(&cases[c], causal, dtypes[t], NULL);
         if (dtypes[t] != RA_FLOAT32 && (cases[c].d == 64 || cases[c].d == 128) && cases[c].pad == 0 &&
-            cases[c].n <= 512)
+            cases[c].n <= 512) {
           run_backward_case(&cases[c], causal, dtypes[t], "simt");
+          run_backward_case(&cases[c], causal, dtypes[t], "deterministic");
+        }
       }
   cudaStreamDestroy(user_stream);
 }
