@@ -7,7 +7,7 @@
 #     (meson-python is not needed: the package is staged from the build dir);
 #  2. meson test (the C tests, tests/c/test_cuda.c among them);
 #  3. stops here, with a clear message, when no CUDA device is visible;
-#  4. pytest tests/test_gpu.py tests/test_device_parsing.py against the staged build;
+#  4. pytest tests/test_gpu.py and the device-array tests against the staged build;
 #  5. benchmarks/bench_gpu.py: dense attention vs torch SDPA (flash), the seed's
 #     dilated configuration vs a PyTorch implementation, the one-GPU ring at k=1..8.
 #
@@ -87,15 +87,19 @@ rm -rf "$STAGE"
 mkdir -p "$STAGE/ringattn"
 cp "$REPO"/ringattn/*.py "$STAGE/ringattn/"
 shopt -s nullglob
-exts=("$BUILD"/_core*.so "$BUILD"/_core*.pyd "$BUILD"/_cuda*.so "$BUILD"/_cuda*.pyd)
+exts=("$BUILD"/_ext*.so "$BUILD"/_ext*.pyd)
+# the tests that exercise device arrays (the GPU tests, and protocol tests that run anywhere)
+device_tests=("$REPO"/tests/test_gpu.py "$REPO"/tests/test_device_*.py "$REPO"/tests/test_intake_*.py
+              "$REPO"/tests/test_dlpack_export.py "$REPO"/tests/test_raw_pointers.py
+              "$REPO"/tests/test_call_sequence.py "$REPO"/tests/test_bf16_helpers.py)
 shopt -u nullglob
-if [ ${#exts[@]} -lt 2 ]; then
-  say "FAIL: the build has no _core/_cuda extension modules in $BUILD"
+if [ ${#exts[@]} -lt 1 ]; then
+  say "FAIL: the build has no _ext extension module in $BUILD"
   finish 1
 fi
 cp "${exts[@]}" "$STAGE/ringattn/"
 export PYTHONPATH="$STAGE${PYTHONPATH:+:$PYTHONPATH}"
-where=$(cd "$OUT" && "$PY" -c "import ringattn, ringattn._cuda as c; print(ringattn.__file__, c.built_with_cuda(), ringattn.cuda_device_count())" 2>&1)
+where=$(cd "$OUT" && "$PY" -c "import ringattn, ringattn._ext as e; print(ringattn.__file__, e.have()['cuda'], ringattn.cuda_device_count())" 2>&1)
 say "import: $where"
 case "$where" in
   "$STAGE"*) ;;
@@ -118,16 +122,16 @@ fi
 # ------------------------------------------------------------------ GPU?
 if [ "${ngpu:-0}" = 0 ]; then
   say "NO CUDA DEVICE visible (ringattn.cuda_device_count() == 0): stopping after the build and the C tests."
-  say "tests/test_gpu.py and the benchmarks need a GPU; tests/test_device_parsing.py runs anywhere."
+  say "tests/test_gpu.py and the benchmarks need a GPU; the array-protocol tests run anywhere."
   if [ "${RINGATTN_ALLOW_NO_GPU:-0}" = 1 ] || [ $status -ne 0 ]; then finish $status; fi
   finish 2
 fi
 
 # ------------------------------------------------------------------ pytest
-say "pytest tests/test_gpu.py tests/test_device_parsing.py"
+say "pytest ${device_tests[*]#$REPO/}"
 # shellcheck disable=SC2086  # PYTEST_ARGS is split into words on purpose
 (cd "$OUT" && timeout 300 "$PY" -m pytest -p no:cacheprovider -q -rs ${PYTEST_ARGS:-} \
-   "$REPO/tests/test_gpu.py" "$REPO/tests/test_device_parsing.py") >"$OUT/pytest.log" 2>&1
+   "${device_tests[@]}") >"$OUT/pytest.log" 2>&1
 rc=$?
 tail -1 "$OUT/pytest.log" | sed 's/^/  /' | tee -a "$OUT/summary.txt"
 if [ $rc -ne 0 ]; then

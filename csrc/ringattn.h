@@ -1,11 +1,13 @@
 /*
  * ringattn.h -- the one public header of the ringattn C core.
  *
- * Exact ring dilated attention.  A *plan* is built from a configuration and
- * validated once; a *transport* moves key/value blocks between ranks; the
- * ring driver runs one rank's share of the work given that rank's shards.
- * Every function returns an ra_status; on failure ra_last_error() gives a
- * human-readable message for the calling thread (NCCL style).
+ * Exact ring dilated attention.  A call is described by one parameter
+ * struct (ra_fwd_params, or ra_bwd_params which extends it): the
+ * configuration, the tensors, where they live, how to run, and optionally a
+ * communicator.  ra_forward / ra_backward validate it, build a plan,
+ * choose the compute backend and run the ring.  Every function returns an
+ * ra_status; on failure ra_last_error() gives a human-readable message for
+ * the calling thread (NCCL style).
  *
  * The function computed is the one in docs/semantics.md: dilated attention
  * with G branches (segment length s_i, dilation rate r_i) in "groups" or
@@ -49,13 +51,12 @@ const char *ra_last_error(void);
 /* The dtype of q, k, v, o (and dout, dq, dk, dv).  float32, float16 and
  * bfloat16 are computed and accumulated in float32, with a float32 lse.
  * RA_FLOAT64 is computed in double throughout (accumulators, merge, the
- * dK/dV that travel the ring) and its lse is double too: for RA_FLOAT64
- * every `lse` argument below points to doubles. */
+ * dK/dV that travel the ring) and its lse is double too. */
 typedef enum ra_dtype {
   RA_FLOAT32 = 0,
   RA_FLOAT16 = 1,
-  RA_BFLOAT16 = 2, /* CUDA backends only */
-  RA_FLOAT64 = 3   /* CPU backend only   */
+  RA_BFLOAT16 = 2, /* CUDA backend only */
+  RA_FLOAT64 = 3   /* CPU backend only  */
 } ra_dtype;
 
 typedef enum ra_mode {
@@ -110,8 +111,9 @@ int64_t ra_plan_head_offset(const ra_plan *plan, int branch, int64_t head);
 
 /* ------------------------------------------------------------------ tensors */
 
-/* A (batch, seq, head, dim) tensor of the plan's dtype.  Strides are in
- * elements; the head dimension is contiguous (stride 1). */
+/* A (batch, seq, head, dim) tensor of the call's dtype.  Strides are in
+ * elements; the head dimension is contiguous (stride 1).  The shape is the
+ * call's (ra_config), the device the call's (ra_fwd_params.device_type). */
 typedef struct ra_tensor {
   void *data;
   int64_t stride_b, stride_n, stride_h;
@@ -130,88 +132,86 @@ typedef struct ra_stats {
   int64_t steps_skipped;  /* blocks skipped: nothing visible (causal)    */
 } ra_stats;
 
-/* ---------------------------------------------------------------- transport */
+/* --------------------------------------------------------------- the call */
 
-/* Opaque space for one outstanding operation of a transport. */
-typedef struct ra_request {
-  void *handle;
-  uint64_t words[3];
-} ra_request;
+/* Where a call's tensors live. */
+typedef enum ra_device_type {
+  RA_DEVICE_CPU = 0, /* host memory: the CPU backend         */
+  RA_DEVICE_CUDA = 1 /* CUDA device memory: the CUDA backend */
+} ra_device_type;
 
-/* A transport connects `world_size` ranks.  isend/irecv start an operation
- * and return at once; the buffer must stay untouched until wait() returns.
- * Messages between one pair of ranks with one tag arrive in order.  A send
- * may complete only once its receiver waits for it (a rendezvous), so a
- * rank waits for its receives before its sends. */
-typedef struct ra_transport_ops {
-  const char *name;
-  ra_status (*isend)(void *ctx, const void *buf, size_t bytes, int dst, int tag,
-                     ra_request *req);
-  ra_status (*irecv)(void *ctx, void *buf, size_t bytes, int src, int tag,
-                     ra_request *req);
-  ra_status (*wait)(void *ctx, ra_request *req);
-  /* Tell the peers this rank failed so that none waits forever (may be NULL). */
-  void (*abort)(void *ctx);
-} ra_transport_ops;
+/* Which kernels a backend may use. */
+typedef enum ra_kernel {
+  RA_KERNEL_AUTO = 0, /* the fastest kernel that applies (tensor cores on CUDA) */
+  RA_KERNEL_SIMT = 1  /* CUDA: the generic SIMT kernels only (testing)          */
+} ra_kernel;
 
-typedef struct ra_transport {
-  const ra_transport_ops *ops;
-  void *ctx;
-  int rank, world_size;
-} ra_transport;
-
-/* In-process transport: world_size ranks that are threads of this process. */
-typedef struct ra_inproc_world ra_inproc_world;
-ra_status ra_inproc_world_create(int world_size, ra_inproc_world **world);
-void ra_inproc_world_destroy(ra_inproc_world *world);
-/* The transport endpoint of one rank of the world. */
-ra_transport ra_inproc_transport(ra_inproc_world *world, int rank);
-/* How a receive copies bytes from the sender's buffer (memcpy by default;
- * ranks whose buffers live on a GPU set a device-to-device copy).  The copy
- * runs on the thread of the receiving rank `rank` and must be complete on
- * return. */
-typedef ra_status (*ra_copy_fn)(void *ctx, int rank, void *dst, const void *src, size_t bytes);
-void ra_inproc_world_set_copy(ra_inproc_world *world, ra_copy_fn copy, void *ctx);
-
-/* ------------------------------------------------------------------ running */
-
+/* How a call runs, as opposed to what it computes.  ra_exec_default()
+ * takes the defaults from the environment, read once per process (and
+ * nowhere else): RINGATTN_NUM_THREADS, RINGATTN_CUDA_KERNEL=simt,
+ * RINGATTN_DETERMINISTIC=1. */
 typedef struct ra_exec {
-  int num_threads;   /* compute threads for this rank; <= 0 means all cores */
-  int check_finite;  /* nonzero: refuse NaN/Inf inputs (RA_ERR_NONFINITE)   */
+  int num_threads;   /* CPU threads for the whole call; <= 0: the default    */
+  int check_finite;  /* refuse NaN/Inf inputs (RA_ERR_NONFINITE); CPU only   */
+  ra_kernel kernel;
+  int deterministic; /* CUDA backward: bitwise reproducible (no atomics)     */
+  int device;        /* CUDA ordinal of the tensors; -1: the current device  */
+  void *stream;      /* CUDA: the cudaStream_t the inputs are ready on (NULL:
+                      * the legacy default stream); the call returns once its
+                      * outputs are written */
 } ra_exec;
 
-/* Run one rank of the ring.  q, k, v, o are this rank's shards, holding
- * positions [rank*L, (rank+1)*L).  lse, if not NULL, receives the
- * log-sum-exp of every output row laid out (batch, head, L), consecutive
- * (batch, head) rows lse_ld elements apart (lse_ld >= L): float32, or
- * double for RA_FLOAT64 (hence void *); rows attending to nothing get 0
- * output and -inf.  Every rank of the transport must make the same call
- * with the same plan.  On failure the rank tells its peers through
- * transport->ops->abort so that none of them hangs. */
-ra_status ra_ring_forward(const ra_plan *plan, const ra_transport *transport,
-                          ra_tensor q, ra_tensor k, ra_tensor v, ra_tensor o,
-                          void *lse, int64_t lse_ld, const ra_exec *exec,
-                          ra_stats *stats);
+ra_exec ra_exec_default(void);
 
-/* The backward of ra_ring_forward on one rank: given this rank's shards of
- * q, k, v, the output o, the output gradient dout (all the plan's dtype)
- * and the forward's lse (as ra_ring_forward wrote it), write this rank's
- * shards of dq, dk, dv (the plan's dtype).  Key/value blocks travel the
- * sub-rings with their dK/dV accumulators and arrive home complete. */
-ra_status ra_ring_backward(const ra_plan *plan, const ra_transport *transport,
-                           ra_tensor q, ra_tensor k, ra_tensor v, ra_tensor o,
-                           ra_tensor dout, const void *lse, int64_t lse_ld,
-                           ra_tensor dq, ra_tensor dk, ra_tensor dv,
-                           const ra_exec *exec, ra_stats *stats);
+/* Number of cores the CPU kernels use by default: RINGATTN_NUM_THREADS if
+ * it is a positive number, else every online core. */
+int ra_default_num_threads(void);
 
-/* Run all world_size ranks of the plan in this process, one thread each,
- * over the in-process transport.  q, k, v, o are full-length tensors; each
- * rank sees only its own shard of them.  lse (batch, head, n) may be NULL.
- * stats, if not NULL, has world_size entries.  exec->num_threads is shared
- * among the ranks. */
-ra_status ra_inproc_forward(const ra_plan *plan, ra_tensor q, ra_tensor k,
-                            ra_tensor v, ra_tensor o, void *lse,
-                            const ra_exec *exec, ra_stats *stats);
+/* A communicator: see below. */
+typedef struct ra_comm ra_comm;
+
+/* Everything a forward call needs, in the manner of flash-attention's
+ * Flash_fwd_params: it flows unchanged from the Python extension through
+ * the ring driver to the backend.
+ *
+ * Without a communicator (comm NULL) q, k, v, o are full-length tensors and
+ * all cfg.world_size ranks run in this process, one thread each, rank j
+ * seeing only positions [jL, (j+1)L) of them.  With a communicator they are
+ * this rank's shards (b, L, h, d) and cfg.seq_len is still the full length.
+ * lse, if not NULL, receives the log-sum-exp of every output row laid out
+ * (batch, head, row), consecutive (batch, head) rows lse_ld elements apart
+ * (lse_ld >= the rows this process holds): float32, or double for
+ * RA_FLOAT64.  Rows that attend to nothing get 0 output and -inf. */
+typedef struct ra_fwd_params {
+  ra_config cfg;
+  ra_device_type device_type;
+  ra_tensor q, k, v, o;
+  void *lse;
+  int64_t lse_ld;
+  ra_exec exec;
+  ra_comm *comm;   /* NULL: every rank in this process                       */
+  ra_stats *stats; /* out, may be NULL: one entry per rank run here
+                    * (cfg.world_size without comm, 1 with it)               */
+} ra_fwd_params;
+
+/* The backward extends the forward: fwd holds q, k, v, the forward's output
+ * o and its lse (required, only read); dq, dk, dv receive the gradients for
+ * the output gradient dout, all of the call's dtype and shape. */
+typedef struct ra_bwd_params {
+  ra_fwd_params fwd;
+  ra_tensor dout, dq, dk, dv;
+} ra_bwd_params;
+
+/* Defaults: ra_config_init, CPU tensors, ra_exec_default(), no comm. */
+void ra_fwd_params_init(ra_fwd_params *p);
+void ra_bwd_params_init(ra_bwd_params *p);
+
+/* Run a call: validate it, plan, choose the backend of p->device_type, and
+ * run every rank in this process -- or, with a communicator, agree with the
+ * peers and run this rank.  A rank that fails tells its peers, so that none
+ * of them waits forever. */
+ra_status ra_forward(const ra_fwd_params *p);
+ra_status ra_backward(const ra_bwd_params *p);
 
 /* ------------------------------------------------------------ communicators */
 
@@ -219,8 +219,6 @@ ra_status ra_inproc_forward(const ra_plan *plan, ra_tensor q, ra_tensor k,
  * distributed run: MPI between CPU processes, NCCL between GPUs.  Every
  * collective call (create, agree, forward, allgather, destroy) must be made
  * by all ranks in the same order. */
-typedef struct ra_comm ra_comm;
-
 typedef enum ra_comm_backend {
   RA_COMM_MPI = 1,
   RA_COMM_NCCL = 2
@@ -252,41 +250,24 @@ void ra_comm_destroy(ra_comm *comm);
 int ra_comm_rank(const ra_comm *comm);
 int ra_comm_size(const ra_comm *comm);
 ra_comm_backend ra_comm_kind(const ra_comm *comm);
-/* The transport of this communicator (valid until ra_comm_destroy). */
-ra_transport ra_comm_transport(ra_comm *comm);
+/* Where the communicator's ranks compute: RA_DEVICE_CPU for MPI,
+ * RA_DEVICE_CUDA for NCCL (on ra_comm_device, its CUDA ordinal; -1 for MPI). */
+ra_device_type ra_comm_device_type(const ra_comm *comm);
+int ra_comm_device(const ra_comm *comm);
 
 /* Collective agreement before any ring traffic: each rank brings its local
  * status (with its message) and configuration (NULL if it has none); every
  * rank returns RA_OK only when all ranks are OK with equal configurations,
  * and otherwise the same failure naming the rank and the cause.  This is
- * how one rank's bad input becomes an error everywhere instead of a hang. */
+ * how one rank's bad input becomes an error everywhere instead of a hang.
+ * ra_forward / ra_backward run it themselves; a caller that refuses its
+ * input before calling them runs it with its failure instead. */
 ra_status ra_comm_agree(ra_comm *comm, ra_status local, const char *local_message,
                         const ra_config *cfg);
 
 /* Gather `bytes` from every rank into recv (rank r's at recv + r*bytes);
  * host memory for MPI, device memory for NCCL. */
 ra_status ra_comm_allgather(ra_comm *comm, const void *send, size_t bytes, void *recv);
-
-/* One rank of a distributed ring: plan, agreement, then the ring over the
- * communicator's transport.  cfg describes the full sequence (seq_len = k *
- * local length, world_size = communicator size); q, k, v, o are this rank's
- * shards (host memory for MPI).  lse as in ra_ring_forward. */
-ra_status ra_comm_forward(const ra_config *cfg, ra_comm *comm, ra_tensor q,
-                          ra_tensor k, ra_tensor v, ra_tensor o, void *lse,
-                          int64_t lse_ld, const ra_exec *exec, ra_stats *stats);
-
-/* ra_inproc_forward's backward: full-length tensors, lse (batch, head, n). */
-ra_status ra_inproc_backward(const ra_plan *plan, ra_tensor q, ra_tensor k,
-                             ra_tensor v, ra_tensor o, ra_tensor dout,
-                             const void *lse, ra_tensor dq, ra_tensor dk,
-                             ra_tensor dv, const ra_exec *exec, ra_stats *stats);
-
-/* ra_comm_forward's backward (lse as that call wrote it, rows lse_ld apart). */
-ra_status ra_comm_backward(const ra_config *cfg, ra_comm *comm, ra_tensor q,
-                           ra_tensor k, ra_tensor v, ra_tensor o, ra_tensor dout,
-                           const void *lse, int64_t lse_ld, ra_tensor dq,
-                           ra_tensor dk, ra_tensor dv, const ra_exec *exec,
-                           ra_stats *stats);
 
 /* --------------------------------------------------------------------- merge */
 
@@ -301,6 +282,9 @@ void ra_merge_rows(float *acc, int64_t acc_stride, float *lse_acc,
 
 /* ---------------------------------------------------------------------- CUDA */
 
+/* Nonzero when this build has the CUDA backend. */
+int ra_have_cuda(void);
+
 /* Number of CUDA devices this build can use: 0 when it was built without
  * CUDA, when no driver is installed, or when no device is present. */
 int ra_cuda_device_count(void);
@@ -312,35 +296,28 @@ ra_status ra_cuda_merge_rows(float *acc, int64_t acc_stride, float *lse_acc,
                              int64_t part_stride, const float *lse_part,
                              int64_t rows, int64_t dim, void *stream);
 
-/* Run all world_size ranks of the plan on the current CUDA device, one host
- * thread and one CUDA stream pair each, over the in-process transport (the
- * ring exchanges become device-to-device copies that overlap the attention).
- * q, k, v, o are full-length DEVICE tensors of the plan's dtype (RA_FLOAT32,
- * RA_FLOAT16 or RA_BFLOAT16; RA_FLOAT64 is RA_ERR_UNSUPPORTED), laid out
- * (b, n, h, d) with the head dimension contiguous; lse (b, h, n) float32
- * is device memory or NULL.  The inputs
- * are read after the work already enqueued on `stream` (a cudaStream_t;
- * NULL is the default stream); the call returns when o and lse are written.
- * stats, if not NULL, has world_size entries (bytes are device bytes).
- * Head dims up to 256; fp16/bf16 with head dim 64 or 128 use tensor cores.
- * RA_ERR_UNSUPPORTED in a build without CUDA. */
-ra_status ra_cuda_forward(const ra_plan *plan, ra_tensor q, ra_tensor k, ra_tensor v,
-                          ra_tensor o, float *lse, void *stream, ra_stats *stats);
+/* The CUDA runtime as the Python extension needs it, so that nothing but
+ * the core links CUDA.  Each returns RA_ERR_UNSUPPORTED in a build without
+ * CUDA.  device >= 0 is made current for the call and the caller's current
+ * device restored afterwards; -1 uses the current device. */
+ra_status ra_cuda_current_device(int *device);
+ra_status ra_cuda_malloc(int device, size_t bytes, void **ptr);
+ra_status ra_cuda_free(int device, void *ptr);
+/* Synchronous copies between host memory and device memory. */
+ra_status ra_cuda_copy_to_device(int device, void *dst, const void *src, size_t bytes);
+ra_status ra_cuda_copy_to_host(int device, void *dst, const void *src, size_t bytes);
+/* Wait on the host until `stream` (a cudaStream_t; NULL: legacy default) is idle. */
+ra_status ra_cuda_synchronize(int device, void *stream);
 
-/* The backward of ra_cuda_forward on the same ranks and ring schedule (as
- * ra_inproc_backward on the CPU): dq, dk, dv (full-length device tensors of
- * the inputs' dtype) <- the gradients for the output gradient dout, given
- * the forward's o and lse (device memory, required).  Gradients are
- * accumulated in fp32 and written once at the end.  RA_ERR_UNSUPPORTED in a
- * build without CUDA. */
-ra_status ra_cuda_backward(const ra_plan *plan, ra_tensor q, ra_tensor k, ra_tensor v,
-                           ra_tensor o, ra_tensor dout, const float *lse, ra_tensor dq,
-                           ra_tensor dk, ra_tensor dv, void *stream, ra_stats *stats);
-
-/* ------------------------------------------------------------------- threads */
-
-/* Number of cores the CPU kernels use by default (after RINGATTN_NUM_THREADS). */
-int ra_default_num_threads(void);
+/* What an address is, for the checks of device arrays. */
+typedef enum ra_memory_kind {
+  RA_MEMORY_UNREGISTERED = 0, /* ordinary host memory, or unknown to CUDA */
+  RA_MEMORY_HOST = 1,         /* page-locked host memory                 */
+  RA_MEMORY_DEVICE = 2,
+  RA_MEMORY_MANAGED = 3
+} ra_memory_kind;
+/* *device is the ordinal, or -1 for host memory. */
+ra_status ra_cuda_pointer_info(const void *ptr, ra_memory_kind *kind, int *device);
 
 #ifdef __cplusplus
 }

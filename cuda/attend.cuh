@@ -7,7 +7,7 @@
  * attention of its queries over its keys in fp32 with an online softmax in
  * base 2 (scores pre-multiplied by scale * log2 e, so exp2 replaces exp),
  * and merge each finished row into acc / lse exactly as ra_merge_rows
- * (csrc/merge.c) does.  Grid of the SIMT kernel: x = task, y = query tile
+ * (csrc/cpu/merge.c) does.  Grid of the SIMT kernel: x = task, y = query tile
  * (tile0 + y); the tensor-core kernel's is described in attend.cu.
  */
 #ifndef RINGATTN_CUDA_ATTEND_CUH

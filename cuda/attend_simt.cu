@@ -3,7 +3,8 @@
  * cores, any head dim up to RA_SIMT_MAX_DIM, fp32 / fp16 / bf16 inputs, no
  * alignment needs.  It serves fp32 (exact fp32 arithmetic, no TF32), the
  * head dims and layouts the tensor-core kernel does not take, and, forced
- * with RINGATTN_CUDA_KERNEL=simt, as a second reference for that kernel.
+ * with exec.kernel = RA_KERNEL_SIMT (default from RINGATTN_CUDA_KERNEL=simt),
+ * as a second reference for that kernel.
  *
  * One block of four warps takes SIMT_BQ = 16 queries of one task (four rows
  * per warp) and walks the keys in tiles of 32, one key per lane:

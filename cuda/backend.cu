@@ -1,12 +1,22 @@
 /*
- * backend.cu -- the ring driver's backend on one CUDA device.
+ * backend.cu -- the ring driver's backend on one CUDA device, and the
+ * interface through which the entry point opens it.
  *
- * The ops of ra_backend_ops (csrc/internal.h; csrc/cpu_backend.c is the
+ * The ops of ra_backend_ops (csrc/ring/backend.h; csrc/cpu/backend.c is the
  * reference for each) on device memory: everything is enqueued on the
  * backend's compute stream, and sync() waits for it.  The small kernels for
  * the state, packing, output conversion and the backward's row dots and
  * scatters live here; attention is in attend.cu / attend_simt.cu and its
  * backward in backward.cu / backward_simt.cu.
+ *
+ * The interface (ra_cuda_backend_iface, at the end) checks a call's device
+ * pointers, and runs its ranks on the call's device: one ra_cuda_backend per
+ * rank (its own compute stream and buffers) on the thread of that rank.
+ * Without a communicator every rank is a thread of this process (the
+ * generic csrc/ring/ranks.c) and a receive copies the sender's device buffer
+ * into the receiver's on the receiving rank's copy stream, so the transfer
+ * overlaps the attention the driver has just enqueued on the compute
+ * stream; with one (NCCL) the call is this process's rank alone.
  */
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -17,15 +27,6 @@
 
 #include "attend.cuh" /* to_float */
 #include "cuda_backend.h"
-
-ra_status ra_cuda_fail(cudaError_t err, const char *what) {
-  ra_status st = RA_ERR_INTERNAL;
-  if (err == cudaErrorMemoryAllocation) st = RA_ERR_OUT_OF_MEMORY;
-  else if (err == cudaErrorNoDevice || err == cudaErrorInsufficientDriver ||
-           err == cudaErrorNoKernelImageForDevice || err == cudaErrorInvalidDevice)
-    st = RA_ERR_UNSUPPORTED;
-  return ra_fail(st, "%s: CUDA error: %s", what, cudaGetErrorString(err));
-}
 
 /* Blocks for a grid-stride loop over n items, 256 threads each. */
 static unsigned grid_for(int64_t n) {
@@ -277,7 +278,8 @@ static ra_status cuda_attend_backward(void *ctx, const ra_backward_batch *b) {
   ra_cuda_backend *cb = (ra_cuda_backend *)ctx;
   if (b->a.ntasks == 0) return RA_OK;
   RA_TRY(upload(cb, b->a.tasks, sizeof(ra_attend_task) * (size_t)b->a.ntasks));
-  return ra_cuda_attend_backward(b, (const ra_attend_task *)cb->list, cb->allow_mma, cb->stream);
+  return ra_cuda_attend_backward(b, (const ra_attend_task *)cb->list, cb->allow_mma, cb->deterministic,
+                                 cb->stream);
 }
 
 static ra_status cuda_scatter_add(void *ctx, const ra_scatter_batch *sc) {
@@ -323,12 +325,12 @@ static const ra_backend_ops cuda_ops = cuda_ops_init();
 
 /* --------------------------------------------------------------- lifetime */
 
-ra_status ra_cuda_backend_open(ra_cuda_backend *cb, ra_stats *stats, cudaEvent_t inputs_ready,
-                               ra_backend *out) {
+ra_status ra_cuda_backend_open(ra_cuda_backend *cb, ra_stats *stats, cudaEvent_t inputs_ready, int allow_mma,
+                               int deterministic, ra_backend *out) {
   memset(cb, 0, sizeof *cb);
   cb->stats = stats;
-  const char *kernel = getenv("RINGATTN_CUDA_KERNEL");
-  cb->allow_mma = !(kernel && strcmp(kernel, "simt") == 0);
+  cb->allow_mma = allow_mma;
+  cb->deterministic = deterministic;
   RA_TRY(device_pool(&cb->pool));
   RA_CUDA_TRY(cudaStreamCreateWithFlags(&cb->stream, cudaStreamNonBlocking), "CUDA backend: stream");
   if (inputs_ready) RA_CUDA_TRY(cudaStreamWaitEvent(cb->stream, inputs_ready, 0), "CUDA backend: input event");
@@ -348,4 +350,181 @@ void ra_cuda_backend_close(ra_cuda_backend *cb) {
     cudaStreamDestroy(cb->stream);
   }
   memset(cb, 0, sizeof *cb);
+}
+
+/* -------------------------------------------------------------- interface */
+
+/* What the ranks of one call in this process share, from call_open on the
+ * calling thread to call_close there after the last rank ended. */
+typedef struct cuda_call {
+  int caller_device;        /* current on the calling thread before the call  */
+  int device;               /* the call's device: exec.device, or the current */
+  int on_device;            /* device made current (what follows is on it)   */
+  cudaEvent_t inputs_ready; /* recorded on exec.stream: the inputs are valid  */
+  int ranks;                /* copy streams (0 with a communicator)          */
+  cudaStream_t *copy;       /* copy[r]: rank r's receives (in-process ring)  */
+} cuda_call;
+
+/* The tensors must be device memory of this process (or managed), and
+ * device memory on the call's device when it names one. */
+static ra_status check_device_ptr(const void *p, const char *name, int device) {
+  if (!p) return RA_OK; /* the driver names NULL tensors itself */
+  cudaPointerAttributes at;
+  cudaError_t err = cudaPointerGetAttributes(&at, p);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    return ra_fail(RA_ERR_INVALID_ARGUMENT, "%s: not a CUDA pointer (%s)", name, cudaGetErrorString(err));
+  }
+  if (at.type != cudaMemoryTypeDevice && at.type != cudaMemoryTypeManaged)
+    return ra_fail(RA_ERR_INVALID_ARGUMENT, "%s: must be device memory", name);
+  if (device >= 0 && at.type == cudaMemoryTypeDevice && at.device != device)
+    return ra_fail(RA_ERR_INVALID_ARGUMENT, "%s: memory of CUDA device %d, but the call runs on CUDA device %d", name,
+                   at.device, device);
+  return RA_OK;
+}
+
+/* float64 is a CPU-only dtype (double accumulators, csrc/cpu/double.c): the
+ * kernels here are fp32/fp16/bf16.  The rest needs a device and a head dim
+ * the kernels take. */
+static ra_status cuda_supports(const ra_call *call) {
+  const ra_fwd_params *p = &call->p.fwd;
+  if (p->cfg.dtype == RA_FLOAT64)
+    return ra_fail(RA_ERR_UNSUPPORTED, "dtype: float64 is supported by the CPU backend only");
+  RA_TRY(ra_cuda_check_head_dim(p->cfg.head_dim));
+  if (ra_cuda_device_count() == 0) return ra_fail(RA_ERR_UNSUPPORTED, "no CUDA device");
+  return ra_cuda_check_device(p->exec.device, "device");
+}
+
+static ra_status cuda_check_inputs(const ra_call *call) {
+  const ra_bwd_params *p = &call->p;
+  const int device = p->fwd.exec.device;
+  const ra_tensor *t[8] = {&p->fwd.q, &p->fwd.k, &p->fwd.v, &p->fwd.o, &p->dout, &p->dq, &p->dk, &p->dv};
+  static const char *const names[8] = {"q", "k", "v", "out", "dout", "dq", "dk", "dv"};
+  for (int i = 0; i < (call->backward ? 8 : 4); i++) RA_TRY(check_device_ptr(t[i]->data, names[i], device));
+  RA_TRY(check_device_ptr(p->fwd.lse, "lse", device));
+  if (call->backward && !p->fwd.lse)
+    return ra_fail(RA_ERR_INVALID_ARGUMENT, "lse: the backward needs the forward's lse");
+  return RA_OK;
+}
+
+static void cuda_call_close(void *shared) {
+  cuda_call *s = (cuda_call *)shared;
+  if (!s) return;
+  if (s->on_device) {
+    cudaSetDevice(s->device); /* what the call created belongs to its device */
+    for (int r = 0; r < s->ranks && s->copy; r++)
+      if (s->copy[r]) cudaStreamDestroy(s->copy[r]);
+    if (s->inputs_ready) cudaEventDestroy(s->inputs_ready);
+  }
+  free(s->copy);
+  cudaSetDevice(s->caller_device); /* the caller's current device, as it was */
+  free(s);
+}
+
+static ra_status cuda_call_open(const ra_call *call, void **shared) {
+  *shared = NULL;
+  const ra_fwd_params *p = &call->p.fwd;
+  cuda_call *s = (cuda_call *)calloc(1, sizeof *s);
+  if (!s) return ra_fail(RA_ERR_OUT_OF_MEMORY, "CUDA call: could not allocate its state");
+  ra_status st = RA_OK;
+  cudaError_t err = cudaGetDevice(&s->caller_device);
+  if (err != cudaSuccess) {
+    free(s);
+    return ra_cuda_fail(err, "no usable CUDA device");
+  }
+  s->device = p->exec.device >= 0 ? p->exec.device : s->caller_device;
+  if ((err = cudaSetDevice(s->device)) != cudaSuccess) {
+    st = ra_cuda_fail(err, "CUDA call: device");
+    goto fail;
+  }
+  s->on_device = 1;
+  /* the ranks' streams start after the work the caller has queued so far */
+  err = cudaEventCreateWithFlags(&s->inputs_ready, cudaEventDisableTiming);
+  if (err == cudaSuccess) err = cudaEventRecord(s->inputs_ready, (cudaStream_t)p->exec.stream);
+  if (err != cudaSuccess) {
+    st = ra_cuda_fail(err, "input event");
+    goto fail;
+  }
+  if (!p->comm) { /* in-process ranks: a copy stream each for their receives */
+    const int ranks = p->cfg.world_size > 0 ? p->cfg.world_size : 1;
+    s->copy = (cudaStream_t *)calloc((size_t)ranks, sizeof *s->copy);
+    if (!s->copy) {
+      st = ra_fail(RA_ERR_OUT_OF_MEMORY, "CUDA call: could not allocate %d copy streams", ranks);
+      goto fail;
+    }
+    s->ranks = ranks;
+    for (int r = 0; r < ranks; r++)
+      if ((err = cudaStreamCreateWithFlags(&s->copy[r], cudaStreamNonBlocking)) != cudaSuccess) {
+        s->copy[r] = NULL;
+        st = ra_cuda_fail(err, "rank thread: stream");
+        goto fail;
+      }
+  }
+  *shared = s;
+  return RA_OK;
+fail:
+  cuda_call_close(s);
+  return st;
+}
+
+/* On the rank's own thread: the call's device current, then the rank's
+ * backend, its compute stream waiting for the caller's inputs. */
+static ra_status cuda_rank_open(void *shared, const ra_call *rank_call, ra_backend *out) {
+  out->ops = NULL;
+  out->ctx = NULL;
+  const cuda_call *s = (const cuda_call *)shared;
+  const ra_exec *e = &rank_call->p.fwd.exec;
+  const int device = s ? s->device : e->device;
+  if (device >= 0) RA_CUDA_TRY(cudaSetDevice(device), "rank thread: device");
+  ra_cuda_backend *cb = (ra_cuda_backend *)malloc(sizeof *cb);
+  if (!cb) return ra_fail(RA_ERR_OUT_OF_MEMORY, "CUDA backend: could not allocate its state");
+  ra_status st = ra_cuda_backend_open(cb, rank_call->p.fwd.stats, s ? s->inputs_ready : NULL,
+                                      e->kernel != RA_KERNEL_SIMT, e->deterministic != 0, out);
+  if (st != RA_OK) {
+    ra_cuda_backend_close(cb);
+    free(cb);
+    out->ops = NULL;
+    out->ctx = NULL;
+  }
+  return st;
+}
+
+static void cuda_rank_close(ra_backend *be) {
+  if (!be || !be->ctx) return;
+  ra_cuda_backend *cb = (ra_cuda_backend *)be->ctx;
+  ra_cuda_backend_close(cb);
+  free(cb);
+  be->ops = NULL;
+  be->ctx = NULL;
+}
+
+/* A receive's copy, on the receiving rank's copy stream (the in-process
+ * transport runs it on that rank's thread). */
+static ra_status cuda_copy(void *ctx, int rank, void *dst, const void *src, size_t bytes) {
+  const cuda_call *s = (const cuda_call *)ctx;
+  if (!s || !s->copy || rank < 0 || rank >= s->ranks)
+    return ra_fail(RA_ERR_INTERNAL, "ring transfer: rank %d has no copy stream", rank);
+  cudaStream_t comm = s->copy[rank];
+  RA_CUDA_TRY(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, comm), "ring transfer");
+  RA_CUDA_TRY(cudaStreamSynchronize(comm), "ring transfer");
+  return RA_OK;
+}
+
+/* By field name, in the order of ra_backend_iface. */
+static ra_backend_iface cuda_iface_init(void) {
+  ra_backend_iface iface = {};
+  iface.name = "cuda";
+  iface.supports = cuda_supports;
+  iface.check_inputs = cuda_check_inputs;
+  iface.call_open = cuda_call_open;
+  iface.call_close = cuda_call_close;
+  iface.rank_open = cuda_rank_open;
+  iface.rank_close = cuda_rank_close;
+  iface.copy = cuda_copy;
+  return iface;
+}
+
+extern "C" const ra_backend_iface *ra_cuda_backend_iface(void) {
+  static const ra_backend_iface iface = cuda_iface_init();
+  return &iface;
 }

@@ -9,11 +9,11 @@
  *                    pair of tiles: S, dP, dV, dK, dQ).  Fast, but the
  *                    order of the atomic additions into a dQ row varies from
  *                    run to run, so dQ may differ in its last bits.
- *   two passes       RINGATTN_DETERMINISTIC=1 in the environment (any value
- *                    but empty or "0"): a dK/dV kernel and a dQ kernel that
- *                    each own their rows and add in a fixed order -- bitwise
- *                    reproducible, at the cost of recomputing S and dP in the
- *                    dQ kernel (7 products).
+ *   two passes       the call's exec.deterministic (whose default is
+ *                    RINGATTN_DETERMINISTIC=1, csrc/core/settings.c): a dK/dV
+ *                    kernel and a dQ kernel that each own their rows and add
+ *                    in a fixed order -- bitwise reproducible, at the cost of
+ *                    recomputing S and dP in the dQ kernel (7 products).
  *
  * All kernels recompute the probabilities from the rows' final lse in base
  * 2, as the forward computes them: P = exp2(s * scale_log2 - lse * log2 e),
@@ -53,8 +53,6 @@
  * get the factor `scale` when added (+=) to the caller's fp32 rows.
  */
 #include <limits.h>
-#include <stdlib.h>
-#include <string.h>
 
 #include "backward.cuh"
 #include "mma_tile.cuh"
@@ -508,7 +506,7 @@ static bool rows_aligned_bwd(const ra_backward_batch *bw) {
 }
 
 ra_status ra_cuda_attend_backward(const ra_backward_batch *bw, const ra_attend_task *dev_tasks, int allow_mma,
-                                  cudaStream_t stream) {
+                                  int deterministic, cudaStream_t stream) {
   const ra_attend_batch *b = &bw->a;
   if (b->dtype != RA_FLOAT32 && b->dtype != RA_FLOAT16 && b->dtype != RA_BFLOAT16)
     return ra_fail(RA_ERR_UNSUPPORTED, "attention backward: the CUDA backend takes float32, float16 and bfloat16");
@@ -553,11 +551,9 @@ ra_status ra_cuda_attend_backward(const ra_backward_batch *bw, const ra_attend_t
              (b->head_dim == 64 || b->head_dim == 128) && rows_aligned_bwd(bw);
   int kw = 0; /* the tensor-core shape: fused with kw warps, 0 two passes */
   if (mma) {
-    /* RINGATTN_DETERMINISTIC=1 (any value but "" and "0"): the two-pass
-     * kernels, which add every gradient in a fixed order; else the fused
-     * kernel, whose dQ atomics make the fp32 summation order vary. */
-    const char *det = getenv("RINGATTN_DETERMINISTIC");
-    const bool deterministic = det && det[0] && strcmp(det, "0") != 0;
+    /* deterministic: the two-pass kernels, which add every gradient in a
+     * fixed order; else the fused kernel, whose dQ atomics make the fp32
+     * summation order vary. */
     /* the D = 128 kernels need 105-155 KB: more than some GPUs (sm_86, sm_89) give a block */
     int dev = 0, optin = 0;
     RA_CUDA_TRY(cudaGetDevice(&dev), "attention backward: device");

@@ -2,7 +2,7 @@
  * backward.cuh -- the attention backward kernels on one device: what the
  * tensor-core (backward.cu) and SIMT (backward_simt.cu) variants share.
  *
- * For every task of an ra_backward_batch (csrc/internal.h), with P the
+ * For every task of an ra_backward_batch (csrc/ring/backend.h), with P the
  * probabilities recomputed from the rows' final log-sum-exp
  * (P = exp(scale * q.k - lse), exactly 0 for a key the query may not see and
  * for a row whose lse is -inf), D = delta of the row (sum dO * O) and
@@ -16,11 +16,12 @@
  * tensor-core path (backward.cu) by default runs one fused kernel: a block
  * owns a tile of keys of one task, streams its queries and adds dQ with fp32
  * atomics (the key blocks of one task share dQ rows), so dQ's summation
- * order -- and its last bits -- vary between runs.  RINGATTN_DETERMINISTIC=1
- * selects two passes without atomics instead, as the SIMT kernels always
- * run: the dK/dV kernel owns a tile of keys and streams its queries, the dQ
- * kernel owns a tile of queries and streams the keys, so blocks never write
- * the same accumulator row.  csrc/cpu_backward.c is the CPU twin.
+ * order -- and its last bits -- vary between runs.  exec.deterministic
+ * (default from RINGATTN_DETERMINISTIC=1) selects two passes without
+ * atomics instead, as the SIMT kernels always run: the dK/dV kernel owns a
+ * tile of keys and streams its queries, the dQ kernel owns a tile of
+ * queries and streams the keys, so blocks never write the same accumulator
+ * row.  csrc/cpu/backward.c is the CPU twin.
  */
 #ifndef RINGATTN_CUDA_BACKWARD_CUH
 #define RINGATTN_CUDA_BACKWARD_CUH

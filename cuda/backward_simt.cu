@@ -3,7 +3,8 @@
  * cores, any head dim up to RA_SIMT_MAX_DIM, fp32 / fp16 / bf16 inputs, no
  * alignment needs.  It serves fp32 (exact fp32 arithmetic, no TF32), the
  * head dims and layouts the tensor-core kernels do not take, and, forced
- * with RINGATTN_CUDA_KERNEL=simt, as a second reference for them.
+ * with exec.kernel = RA_KERNEL_SIMT (default from RINGATTN_CUDA_KERNEL=simt),
+ * as a second reference for them.
  * Semantics: backward.cuh; the structure mirrors attend_simt.cu.
  *
  * A block of four warps owns BS_OWN = 16 rows of one run (four per warp) and

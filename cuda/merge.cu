@@ -1,7 +1,7 @@
 /*
  * merge.cu -- the ring's log-sum-exp merge on the GPU.
  *
- * Same contract as ra_merge_rows in csrc/merge.c (its CPU reference): one
+ * Same contract as ra_merge_rows in csrc/cpu/merge.c (its CPU reference): one
  * block per row; every thread reads the two lse values, then updates its
  * share of the row, and thread 0 writes the new lse once all have read it.
  */

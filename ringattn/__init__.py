@@ -10,15 +10,16 @@ See docs/ for the semantics, the ring schedule and the measurements.
 
 import importlib.util as _util
 
-if _util.find_spec(__name__ + "._core") is None:  # a source checkout, see _checkout.py
+if _util.find_spec(__name__ + "._ext") is None:  # a source checkout, see _checkout.py
     from ._checkout import load_installed as _load_installed
 
     _load_installed(__name__, __file__)
 else:
-    from ._core import RingAttnError, cuda_device_count
+    from ._ext import RingAttnError, cuda_device_count
     from ._comm import Communicator, nccl_unique_id
     from ._api import (
         RingDilatedAttention,
+        cuda_forward_ptr,
         dilated_attention,
         dilated_attention_backward,
         gather_sequence,
@@ -26,7 +27,7 @@ else:
         set_num_threads,
         split_sequence,
     )
-    from ._device import DeviceArray, cuda_forward_ptr  # the GPU path (issue 4)
+    from ._device_array import DeviceArray
 
     __version__ = "0.1.0"
 

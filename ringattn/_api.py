@@ -1,9 +1,14 @@
-"""The public functions and classes of ringattn (re-exported by __init__)."""
+"""The public functions and classes of ringattn (re-exported by __init__).
+
+Each one checks its configuration (_validate) and hands the arrays to the
+one call sequence in _call.py, which runs them where they are: NumPy on the
+CPU, CUDA arrays (__cuda_array_interface__ / DLPack: torch, CuPy, ...) on
+their GPU, NumPy with device="cuda" on the GPU and back.
+"""
 
 import numpy as np
 
-from . import _core
-from . import _device
+from . import _arrays, _call, _ext
 from . import _validate as check
 from ._comm import Communicator
 
@@ -17,74 +22,12 @@ def set_num_threads(n):
 
 def get_num_threads():
     """Threads the CPU kernels use when a call does not say."""
-    return _threads["n"] or _core.default_num_threads()
+    return _threads["n"] or _ext.default_num_threads()
 
 
-def _run(q, k, v, segs, rates, causal, mode, scale, world_size, nan_policy, num_threads,
-         return_lse, out, device=None):
-    if _device.wants_gpu(device, q, k, v, out):  # CUDA arrays or device="cuda": see _device.py
-        return _device.run(q, k, v, segs, rates, causal, mode, scale, world_size, return_lse, out, device)
-    q, k, v = check.qkv(q, k, v)
-    out = check.out_array(out, q)
-    b, n, h, _ = q.shape
-    lse = np.empty((b, h, n), dtype=check.lse_dtype(q.dtype)) if return_lse else None
-    threads = check.num_threads(num_threads) or _threads["n"]
-    stats = _core.run(comm=None, backward=False, q=q, k=k, v=v, out=out, lse=lse, dout=None, dq=None,
-                      dk=None, dv=None, segment_lengths=segs, dilation_rates=rates, causal=bool(causal),
-                      mode=mode, scale=scale, world_size=world_size, num_threads=threads,
-                      check_finite=nan_policy)
-    return (out, lse) if return_lse else out, stats
-
-
-def _host_only(comm, **arrays):
-    """An MPI communicator runs on the CPU: refuse CUDA arrays by name."""
-    for name, x in arrays.items():
-        if x is not None and _device.classify(x) == "cuda":
-            raise TypeError(f"{name} is a CUDA array but the {comm.backend.upper()} communicator runs on the CPU; "
-                            "pass NumPy arrays, or use Communicator.nccl() for GPU arrays")
-
-
-def _backward(q, k, v, o, lse, dout, segs, rates, causal, mode, scale, world_size, nan_policy,
-              num_threads, comm=None, device=None):
-    """(dq, dk, dv) and per-rank stats; with comm, everything is this rank's shard."""
-    if comm is None and _device.wants_gpu(device, q, k, v, o=o, lse=lse, dout=dout):
-        return _device.run_backward(q, k, v, o, lse, dout, segs, rates, causal, mode, scale, world_size, device)
-    if comm is not None and comm.backend == "nccl":
-        return _device.run_comm(comm, (q, k, v, o, dout), lse, segs, rates, causal, mode, scale)
-    try:  # with comm, a rank that refuses its input still joins the agreement
-        if comm is not None:
-            _host_only(comm, q=q, k=k, v=v, o=o, lse=lse, dout=dout)
-        q, k, v = check.qkv(q, k, v)
-        o = check.like(o, q, "o")
-        dout = check.like(dout, q, "dout")
-        b, n, h, _ = q.shape
-        lse = check.lse(lse, (b, h, n), q.dtype)
-        threads = check.num_threads(num_threads) or _threads["n"]
-    except (TypeError, ValueError) as e:
-        if comm is not None:
-            comm.refuse(e)
-        raise
-    grads = [np.empty_like(q, order="C") for _ in range(3)]
-    stats = _core.run(comm=None if comm is None else comm.handle(), backward=True, q=q, k=k, v=v, out=o,
-                      lse=lse, dout=dout, dq=grads[0], dk=grads[1], dv=grads[2], segment_lengths=segs,
-                      dilation_rates=rates, causal=bool(causal), mode=mode, scale=scale,
-                      world_size=world_size if comm is None else comm.world_size, num_threads=threads,
-                      check_finite=nan_policy)
-    return tuple(grads), stats
-
-
-def dilated_attention_backward(q, k, v, o, lse, dout, segment_lengths, dilation_rates, *, causal=False,
-                               mode="groups", scale=None, nan_policy="raise", num_threads=None, device=None):
-    """Gradients (dq, dk, dv) of dilated_attention at q, k, v for the output
-    gradient dout, given the forward's output o and its lse (return_lse=True).
-    Flash-style: probabilities are recomputed tile by tile from lse; every
-    gradient has the input dtype.  CUDA arrays (or device="cuda") run on the
-    GPU and give DeviceArrays (NumPy for NumPy inputs), as in the forward.
-    The other arguments are dilated_attention's."""
-    segs, rates = check.branches(segment_lengths, dilation_rates)
-    grads, _ = _backward(q, k, v, o, lse, dout, segs, rates, causal, check.mode(mode), check.scale(scale), 1,
-                         check.nan_policy(nan_policy), num_threads, device=device)
-    return grads
+def _with_threads(cfg):
+    """cfg with the thread count a call uses (its own, else the global one)."""
+    return cfg._replace(num_threads=cfg.num_threads or _threads["n"])
 
 
 def dilated_attention(q, k, v, segment_lengths, dilation_rates, *, causal=False, mode="groups",
@@ -96,21 +39,34 @@ def dilated_attention(q, k, v, segment_lengths, dilation_rates, *, causal=False,
     "groups" (heads split among branches) or "longnet" (every head in every
     branch, combined by softmax denominators).  segment_lengths=[n],
     dilation_rates=[1] is plain attention.  Inputs are float32 or float16,
-    computed in float32, or float64 (CPU only), computed in double
-    throughout; the output has the input's dtype.  With return_lse=True the
-    log-sum-exp of every row, (batch, heads, seq), is returned as well
-    (-inf where a query attends to nothing): float32, or float64 for
-    float64 inputs.
-    nan_policy="raise" refuses NaN/Inf inputs; "propagate" skips the check.
+    computed in float32, float64 (CPU only), computed in double throughout,
+    or bfloat16 (GPU only); the output has the input's dtype.  With
+    return_lse=True the log-sum-exp of every row, (batch, heads, seq), is
+    returned as well (-inf where a query attends to nothing): float32, or
+    float64 for float64 inputs.
+    nan_policy="raise" refuses NaN/Inf inputs; "propagate" skips the check
+    (the GPU never scans its inputs).
     device=None runs where the inputs are: NumPy on the CPU, CUDA arrays
     (__cuda_array_interface__ / DLPack: torch, CuPy, ...) on their GPU,
     returning a ringattn.DeviceArray (or out=); device="cuda" runs NumPy
-    inputs on the GPU and returns NumPy.  See ringattn/_device.py.
+    inputs on the GPU and returns NumPy.  See ringattn/_arrays.py.
     """
-    segs, rates = check.branches(segment_lengths, dilation_rates)
-    result, _ = _run(q, k, v, segs, rates, causal, check.mode(mode), check.scale(scale), 1,
-                     check.nan_policy(nan_policy), num_threads, return_lse, out, device)
+    cfg = check.config(segment_lengths, dilation_rates, causal, mode, scale, 1, nan_policy, num_threads)
+    result, _ = _call.forward(_with_threads(cfg), q, k, v, out=out, return_lse=return_lse, device=device)
     return result
+
+
+def dilated_attention_backward(q, k, v, o, lse, dout, segment_lengths, dilation_rates, *, causal=False,
+                               mode="groups", scale=None, nan_policy="raise", num_threads=None, device=None):
+    """Gradients (dq, dk, dv) of dilated_attention at q, k, v for the output
+    gradient dout, given the forward's output o and its lse (return_lse=True).
+    Flash-style: probabilities are recomputed tile by tile from lse; every
+    gradient has the input dtype.  CUDA arrays (or device="cuda") run on the
+    GPU and give DeviceArrays (NumPy for NumPy inputs), as in the forward.
+    The other arguments are dilated_attention's."""
+    cfg = check.config(segment_lengths, dilation_rates, causal, mode, scale, 1, nan_policy, num_threads)
+    grads, _ = _call.backward(_with_threads(cfg), q, k, v, o, lse, dout, device=device)
+    return grads
 
 
 class RingDilatedAttention:
@@ -120,33 +76,34 @@ class RingDilatedAttention:
     (one thread each): rank j holds only positions [j*L, (j+1)*L) of q, k, v
     and o, and key/value blocks travel the ring through the core's in-process
     transport.  The full output is returned; it equals dilated_attention's.
-    After a call, last_stats maps "peak_bytes", "bytes_sent",
-    "bytes_received", "steps" and "steps_skipped" to one int per rank.
+    With comm= (a Communicator) each process is one rank and passes its own
+    shards.  After a call, last_stats maps "peak_bytes", "bytes_sent",
+    "bytes_received", "steps" and "steps_skipped" to one int per rank (this
+    rank's only, with comm=).
     """
 
     def __init__(self, segment_lengths, dilation_rates, *, causal=False, mode="groups", scale=None,
                  world_size=None, nan_policy="raise", num_threads=None, comm=None, device=None):
-        self.segment_lengths, self.dilation_rates = check.branches(segment_lengths, dilation_rates)
-        self.causal = bool(causal)
-        self.mode = mode
-        self._mode = check.mode(mode)
-        self.scale = scale
-        self._scale = check.scale(scale)
         if comm is not None and not isinstance(comm, Communicator):
             raise TypeError(f"comm must be a ringattn.Communicator, got {type(comm).__name__}")
-        self.comm = comm
         if comm is None:
-            self.world_size = 1 if world_size is None else check.positive_int(world_size, "world_size")
+            world = 1 if world_size is None else world_size
         else:
             if world_size is not None and world_size != comm.world_size:
                 raise ValueError(f"world_size={world_size} but comm has {comm.world_size} ranks")
-            self.world_size = comm.world_size
-        self.nan_policy = nan_policy
-        self._check = check.nan_policy(nan_policy)
-        self.num_threads = None if num_threads is None else check.num_threads(num_threads)
-        _device.parse_device(device)  # checked now, used by __call__ (as in dilated_attention)
+            world = comm.world_size
+        self._cfg = check.config(segment_lengths, dilation_rates, causal, mode, scale, world, nan_policy,
+                                 num_threads)
+        self.segment_lengths, self.dilation_rates = self._cfg.segment_lengths, self._cfg.dilation_rates
+        self.causal = self._cfg.causal
+        self.mode, self.scale, self.nan_policy = mode, scale, nan_policy
+        self.world_size = self._cfg.world_size
+        self.num_threads = None if num_threads is None else self._cfg.num_threads
+        self.comm = comm
+        _arrays.parse_device(device)  # checked now, used by every call
         self.device = device
         self.last_stats = None
+        self._saved = None
 
     def __repr__(self):
         return (f"RingDilatedAttention(segment_lengths={self.segment_lengths}, "
@@ -157,8 +114,8 @@ class RingDilatedAttention:
         """The schedule for inputs of shape (b, n, h, d): local length, and per
         branch its segment, rate, span (ranks per segment) and heads."""
         b, n, h, d = (int(x) for x in q_shape)
-        return _core.plan(b, n, h, d, self.segment_lengths, self.dilation_rates, self.causal,
-                          self._mode, self._scale, self.world_size)
+        c = self._cfg
+        return _ext.plan(b, n, h, d, c.segment_lengths, c.dilation_rates, c.causal, c.mode, c.scale, c.world_size)
 
     def __call__(self, q, k, v, *, return_lse=False, out=None, requires_grad=False):
         """Full-length q, k, v (in-process ranks), or with comm= this rank's
@@ -167,13 +124,9 @@ class RingDilatedAttention:
         to q, k, v and the output, and the lse."""
         self._saved = None
         keep = return_lse or requires_grad
-        if self.comm is not None:
-            result, _ = self._call_comm(q, k, v, keep, out)
-        else:
-            result, stats = _run(q, k, v, self.segment_lengths, self.dilation_rates, self.causal,
-                                 self._mode, self._scale, self.world_size, self._check, self.num_threads,
-                                 keep, out, self.device)
-            self.last_stats = {key: [s[key] for s in stats] for key in stats[0]}
+        result, stats = _call.forward(_with_threads(self._cfg), q, k, v, out=out, return_lse=keep,
+                                      device=self.device, comm=self.comm)
+        self.last_stats = _call.stats_by_key(stats)
         if requires_grad:
             self._saved = (q, k, v) + tuple(result)
         return result if return_lse or not keep else result[0]
@@ -182,39 +135,92 @@ class RingDilatedAttention:
         """Gradients (dq, dk, dv) for the output gradient dout, after a call
         with requires_grad=True; the same lengths as that call's inputs (this
         rank's shards with comm=).  last_stats then describes the backward."""
-        if getattr(self, "_saved", None) is None:
-            raise RuntimeError("backward() needs a preceding call with requires_grad=True")
+        if self._saved is None:
+            error = RuntimeError("backward() needs a preceding call with requires_grad=True")
+            if self.comm is not None:  # the other ranks raise too instead of waiting
+                _call.refuse(self.comm, error)
+            raise error
         q, k, v, o, lse = self._saved
-        grads, stats = _backward(q, k, v, o, lse, dout, self.segment_lengths, self.dilation_rates,
-                                 self.causal, self._mode, self._scale, self.world_size, self._check,
-                                 self.num_threads, self.comm, self.device)
-        self.last_stats = {key: [s[key] for s in stats] for key in stats[0]}
+        grads, stats = _call.backward(_with_threads(self._cfg), q, k, v, o, lse, dout, device=self.device,
+                                      comm=self.comm)
+        self.last_stats = _call.stats_by_key(stats)
         return grads
 
-    def _call_comm(self, q, k, v, return_lse, out):
-        comm = self.comm
-        if comm.backend == "nccl":
-            result, stats = _device.run_comm(comm, (q, k, v), None, self.segment_lengths, self.dilation_rates,
-                                             self.causal, self._mode, self._scale, return_lse, out)
-            self.last_stats = {key: [stats[0][key]] for key in stats[0]}
-            return result, stats
-        try:  # a rank that refuses its input still joins the agreement
-            _host_only(comm, q=q, k=k, v=v, out=out)
-            q, k, v = check.qkv(q, k, v)
-            out = check.out_array(out, q)
-            threads = check.num_threads(self.num_threads) or _threads["n"]
-        except (TypeError, ValueError) as e:
-            comm.refuse(e)
-            raise
-        b, n_local, h, _ = q.shape
-        lse = np.empty((b, h, n_local), dtype=check.lse_dtype(q.dtype)) if return_lse else None
-        stats = _core.run(comm=comm.handle(), backward=False, q=q, k=k, v=v, out=out, lse=lse, dout=None,
-                          dq=None, dk=None, dv=None, segment_lengths=self.segment_lengths,
-                          dilation_rates=self.dilation_rates, causal=self.causal, mode=self._mode,
-                          scale=self._scale, world_size=comm.world_size, num_threads=threads,
-                          check_finite=self._check)
-        self.last_stats = {key: [stats[0][key]] for key in stats[0]}
-        return (out, lse) if return_lse else out, stats
+
+class _RawPointer:
+    """A raw device address seen as a CUDA array: what cuda_forward_ptr
+    hands the call sequence."""
+
+    def __init__(self, ptr, shape, strides, dtype, stream):
+        cai = {"shape": tuple(shape), "typestr": {"float32": "<f4", "float16": "<f2", "bfloat16": "<V2"}[dtype],
+               "data": (ptr, False), "strides": tuple(s * _arrays.ITEMSIZE[dtype] for s in strides),
+               "version": 3, "stream": stream}
+        if dtype == "bfloat16":
+            cai["descr"] = [("bfloat16", "<V2")]
+        self.__cuda_array_interface__ = cai
+
+
+def _address(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{name} must be a non-zero device address (int), got {value!r}")
+    return int(value)
+
+
+def _strides(strides, shape):
+    """Four stride tuples (q, k, v, o) in elements from cuda_forward_ptr's argument."""
+    if strides is None:
+        return [_arrays.contiguous_strides(shape)] * 4
+    strides = list(strides)
+    if strides and isinstance(strides[0], (tuple, list)):
+        if len(strides) != 4:
+            raise ValueError("strides must be one stride tuple or four (q, k, v, o)")
+        st = [_arrays.int_tuple(s, "strides") for s in strides]
+    else:
+        st = [_arrays.int_tuple(strides, "strides")] * 4
+    st = [s + (1,) if len(s) == 3 else s for s in st]  # (stride_b, stride_n, stride_h[, 1])
+    if any(len(s) != 4 for s in st):
+        raise ValueError(f"strides must have 3 or 4 entries (elements), got {strides!r}")
+    return st
+
+
+def cuda_forward_ptr(q_ptr, k_ptr, v_ptr, o_ptr, shape, dtype, segment_lengths, dilation_rates, *,
+                     causal=False, mode="groups", scale=None, world_size=1, lse_ptr=None, strides=None,
+                     stream=0, device=None):
+    """The GPU forward on raw device addresses (ints).
+
+    shape: (b, n, h, d); dtype: 'float32', 'float16' or 'bfloat16' (or a NumPy
+    dtype).  strides: None for C-contiguous tensors, one (stride_b, stride_n,
+    stride_h[, 1]) tuple in elements for all four, or four such tuples (q, k,
+    v, o).  lse_ptr: address of a float32 (b, h, n) buffer or None.  stream: a
+    cudaStream_t as an int (0 or None: the default stream) the inputs are
+    ready on; the call returns once the outputs are written.  device: the
+    CUDA ordinal of the addresses (None: the current one).
+    Returns one dict of statistics per rank (device bytes held, sent, ...).
+    """
+    name = _arrays.dtype_name(dtype)
+    if name is None:
+        raise TypeError(f"dtype must be 'float32', 'float16' or 'bfloat16', got {dtype!r}")
+    shape = _arrays.int_tuple(shape, "shape")
+    if len(shape) != 4 or any(x < 1 for x in shape):
+        raise ValueError(f"shape must be 4 positive sizes (batch, seq, heads, head_dim), got {shape}")
+    cfg = check.config(segment_lengths, dilation_rates, causal, mode, scale, world_size)
+    st = _strides(strides, shape)
+    ptrs = [_address(p, nm) for p, nm in ((q_ptr, "q_ptr"), (k_ptr, "k_ptr"), (v_ptr, "v_ptr"), (o_ptr, "o_ptr"))]
+    if lse_ptr is not None:
+        lse_ptr = _address(lse_ptr, "lse_ptr")
+    if stream is None:
+        stream = 0
+    if isinstance(stream, bool) or not isinstance(stream, (int, np.integer)) or stream < 0:
+        raise TypeError(f"stream must be a cudaStream_t as a non-negative int, got {stream!r}")
+    dev = _arrays.parse_device(device)
+    if dev is not None and dev[0] != "cuda":
+        raise ValueError(f"device must be a CUDA device, got {device!r}")
+    cai_stream = int(stream) or _arrays.LEGACY_STREAM  # CAI: 0 is spelled 1
+    q, k, v, o = (_RawPointer(p, shape, s, name, cai_stream) for p, s in zip(ptrs, st))
+    b, n, h, _ = shape
+    lse = None if lse_ptr is None else _RawPointer(lse_ptr, (b, h, n), (h * n, n, 1), "float32", cai_stream)
+    _, stats = _call.forward(cfg, q, k, v, out=o, lse_out=lse, device=device if dev is not None else "cuda")
+    return list(stats)
 
 
 def split_sequence(x, world_size=None, rank=None, *, comm=None):
@@ -250,8 +256,7 @@ def gather_sequence(shards, *, comm=None):
         if local.ndim < 2:
             raise ValueError(f"shards must have a sequence axis (axis 1), got shape {local.shape}")
         recv = np.empty((comm.world_size,) + local.shape, dtype=local.dtype)
-        _core.comm_allgather(comm.handle(), local.view(np.uint8).reshape(-1),
-                             recv.view(np.uint8).reshape(-1))
+        _ext.comm_allgather(comm.handle(), local.view(np.uint8).reshape(-1), recv.view(np.uint8).reshape(-1))
         return np.concatenate(list(recv), axis=1)
     shards = list(shards)
     if not shards:

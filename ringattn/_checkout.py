@@ -2,9 +2,9 @@
 
 `python -m ringattn` or `python -m pytest` run in the repository root put the
 root on sys.path, so `import ringattn` finds the source directory, which has
-no compiled extension, before the installed package.  Rather than fail, the
-source package hands over to the installed one (the one `pip install .`
-built) by putting it in sys.modules under the same name.
+no compiled extension (ringattn._ext), before the installed package.  Rather
+than fail, the source package hands over to the installed one (the one
+`pip install .` built) by putting it in sys.modules under the same name.
 """
 
 import importlib.metadata

@@ -1,6 +1,6 @@
 """Communicators: one process per rank, over MPI (CPU) or NCCL (GPU)."""
 
-from . import _core
+from . import _ext
 from . import _validate as check
 
 
@@ -18,7 +18,8 @@ def _mpi_handle(comm):
 
 
 class Communicator:
-    """This process's place in a distributed ring: world_size, rank, backend.
+    """This process's place in a distributed ring: world_size, rank, backend
+    ("mpi" or "nccl") and device (the CUDA ordinal of an NCCL communicator).
 
     Build one with Communicator.mpi() (CPU processes started by mpirun/srun),
     Communicator.nccl(unique_id, world_size, rank, device) or
@@ -28,16 +29,16 @@ class Communicator:
 
     def __init__(self, handle):
         self._handle = handle
-        self.rank, self.world_size, self.backend = _core.comm_info(handle)
+        self.rank, self.world_size, self.backend, self.device = _ext.comm_info(handle)
 
     @classmethod
     def mpi(cls, comm=None):
         """MPI_COMM_WORLD, or the given mpi4py communicator (duplicated).
         MPI is initialised here if nobody has done it yet."""
-        if not _core.have()["mpi"]:
+        if not _ext.have()["mpi"]:
             raise RuntimeError("ringattn was built without MPI: install an MPI implementation "
                                "(e.g. `apt-get install libopenmpi-dev openmpi-bin`) and reinstall ringattn")
-        return cls(_core.comm_mpi(_mpi_handle(comm)))
+        return cls(_ext.comm_mpi(_mpi_handle(comm)))
 
     @classmethod
     def nccl(cls, unique_id, world_size, rank, device):
@@ -49,7 +50,7 @@ class Communicator:
             raise ValueError(f"rank must be an integer in [0, {world_size}), got {rank!r}")
         if isinstance(device, bool) or not isinstance(device, int) or device < 0:
             raise ValueError(f"device must be a non-negative integer, got {device!r}")
-        return cls(_core.comm_nccl(bytes(unique_id), world_size, rank, device))
+        return cls(_ext.comm_nccl(bytes(unique_id), world_size, rank, device))
 
     @classmethod
     def nccl_from_mpi(cls, device=0, comm=None):
@@ -57,12 +58,12 @@ class Communicator:
         unique id is shared over MPI."""
         if isinstance(device, bool) or not isinstance(device, int) or device < 0:
             raise ValueError(f"device must be a non-negative integer, got {device!r}")
-        return cls(_core.comm_nccl_from_mpi(_mpi_handle(comm), device))
+        return cls(_ext.comm_nccl_from_mpi(_mpi_handle(comm), device))
 
     def close(self):
         """Release the communicator (collective)."""
         if self._handle is not None:
-            _core.comm_close(self._handle)
+            _ext.comm_close(self._handle)
             self._handle = None
 
     def __enter__(self):
@@ -72,7 +73,8 @@ class Communicator:
         self.close()
 
     def __repr__(self):
-        return f"Communicator(backend={self.backend!r}, rank={self.rank}, world_size={self.world_size})"
+        dev = f", device={self.device}" if self.backend == "nccl" else ""
+        return f"Communicator(backend={self.backend!r}, rank={self.rank}, world_size={self.world_size}{dev})"
 
     def handle(self):
         if self._handle is None:
@@ -82,9 +84,9 @@ class Communicator:
     def refuse(self, error):
         """Take part in the agreement with a failure, so the other ranks
         raise too instead of waiting (used when validation fails here)."""
-        _core.comm_fail(self.handle(), str(error), 1 if isinstance(error, TypeError) else 0)
+        _ext.comm_fail(self.handle(), str(error), 1 if isinstance(error, TypeError) else 0)
 
 
 def nccl_unique_id():
     """A fresh NCCL unique id (128 bytes) to share with every rank."""
-    return _core.nccl_unique_id()
+    return _ext.nccl_unique_id()

@@ -1,59 +1,45 @@
-"""Argument checking and conversion for the public API.
+"""Every rule on the arguments, once, for the CPU and the GPU alike.
 
-Every rule produces a TypeError or ValueError whose message starts with the
-argument's name.  The C core checks the configuration rules again (and its
-messages use the same names), so nothing that passes here can crash it.
+Each rule raises a TypeError or ValueError whose message starts with the
+argument's name.  Configuration rules read Python values; tensor rules read
+the ``_ext.Tensor`` descriptions that ``_ext.intake`` makes of the arrays.
+The plan's own rules (divisibility, branch limits, head counts) live in the
+C core: ``plan_rules`` asks it before anything is allocated.  The C
+extension checks again only what protects memory (shapes, strides,
+alignment, writability), so nothing that passes here can crash it.
 """
 
 import math
 import numbers
+from typing import NamedTuple
 
 import numpy as np
 
-_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.float64))  # float64: the CPU only
+from . import _arrays, _ext
+
 MODES = {"groups": 0, "longnet": 1}
 NAN_POLICIES = ("raise", "propagate")
 
 
-def array(x, name):
-    """A (b, n, h, d) float32/float16/float64 array the core can read in place.
+# ------------------------------------------------------------ configuration
 
-    Arrays whose head dimension is not contiguous (or that have negative or
-    misaligned strides) are copied once; everything else is used as is.
-    """
-    if not isinstance(x, np.ndarray):
-        if not hasattr(x, "__array__") and not isinstance(x, (list, tuple)):
-            raise TypeError(f"{name} must be a NumPy array, got {type(x).__name__}")
-        x = np.asarray(x)
-    if x.dtype.kind == "f" and not x.dtype.isnative:
-        x = x.astype(x.dtype.newbyteorder("="))  # same numbers, native byte order
-    if x.dtype not in _DTYPES:
-        hint = " (convert with .astype(np.float32))" if x.dtype.kind in "fiub" else ""
-        raise TypeError(f"{name} must have dtype float32, float16 or float64, got {x.dtype}{hint}")
-    if x.ndim != 4:
-        raise ValueError(f"{name} must have 4 dimensions (batch, seq, heads, head_dim), got shape {x.shape}")
-    if 0 in x.shape:
-        raise ValueError(f"{name} must not be empty, got shape {x.shape}")
-    es = x.itemsize
-    s = x.strides
-    if (s[3] != es or any(st < 0 or st % es for st in s[:3])
-            or x.ctypes.data % es):
-        x = np.array(x, order="C", copy=True)  # a fresh, aligned copy
-    return x
+class Config(NamedTuple):
+    """A checked configuration: what every call hands the core."""
+    segment_lengths: list
+    dilation_rates: list
+    causal: bool
+    mode: int            # MODES value
+    scale: float         # 0.0: 1/sqrt(head_dim)
+    world_size: int      # in-process ranks (a communicator's size with comm=)
+    check_finite: bool   # nan_policy == "raise"
+    num_threads: int     # 0: the default
 
 
-def qkv(q, k, v):
-    q = array(q, "q")
-    k = array(k, "k")
-    v = array(v, "v")
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; they must match")
-        if t.shape != q.shape:
-            raise ValueError(f"{name} has shape {t.shape} but q has {q.shape}; they must match")
-    if k.strides[1:3] != v.strides[1:3]:  # the core reads k and v with one index table
-        k, v = np.ascontiguousarray(k), np.ascontiguousarray(v)
-    return q, k, v
+def config(segment_lengths, dilation_rates, causal=False, mode_="groups", scale_=None, world_size=1,
+           nan_policy_="raise", num_threads_=None):
+    segs, rates = branches(segment_lengths, dilation_rates)
+    return Config(segs, rates, bool(causal), mode(mode_), scale(scale_), positive_int(world_size, "world_size"),
+                  nan_policy(nan_policy_), num_threads(num_threads_))
 
 
 def int_list(values, name):
@@ -81,7 +67,7 @@ def branches(segment_lengths, dilation_rates):
 
 
 def mode(value):
-    if value not in MODES:
+    if not isinstance(value, str) or value not in MODES:
         raise ValueError(f"mode must be one of {sorted(MODES)}, got {value!r}")
     return MODES[value]
 
@@ -111,50 +97,190 @@ def num_threads(value):
 
 
 def nan_policy(value):
-    if value not in NAN_POLICIES:
+    if not isinstance(value, str) or value not in NAN_POLICIES:
         raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {value!r}")
     return value == "raise"
 
 
-def out_array(out, q):
-    if out is None:
-        return np.empty_like(q, order="C")
-    if not isinstance(out, np.ndarray):
-        raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
-    if out.dtype != q.dtype or out.shape != q.shape:
-        raise ValueError(f"out must have shape {q.shape} and dtype {q.dtype}, got {out.shape} {out.dtype}")
-    if not out.flags.writeable:
-        raise ValueError("out is not writeable")
-    es = out.itemsize
-    if out.strides[3] != es or any(st < 0 or st % es for st in out.strides[:3]) or out.ctypes.data % es:
-        raise ValueError("out must have a contiguous head dimension and non-negative strides")
-    return out
-
-
-def like(x, q, name):
-    """A tensor that must match q's shape and dtype (o, dout in the backward)."""
-    x = array(x, name)
-    if x.dtype != q.dtype:
-        raise TypeError(f"{name} has dtype {x.dtype} but q has {q.dtype}; they must match")
-    if x.shape != q.shape:
-        raise ValueError(f"{name} has shape {x.shape} but q has {q.shape}; they must match")
-    return x
+def plan_rules(cfg, shape, ranks=1):
+    """The core's plan rules for inputs of `shape` (this rank's shard when
+    `ranks` processes hold one each): ValueError/TypeError naming the
+    argument, before anything is allocated or a GPU is looked for."""
+    b, n, h, d = shape
+    _ext.plan(b, n * ranks, h, d, cfg.segment_lengths, cfg.dilation_rates, cfg.causal, cfg.mode, cfg.scale,
+              cfg.world_size)
 
 
 def lse_dtype(dtype):
-    """The log-sum-exp's dtype for inputs of `dtype`: float64 for float64
-    (computed in double throughout), float32 otherwise."""
-    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+    """The log-sum-exp's dtype for inputs of `dtype` (a name): float64 for
+    float64 (computed in double throughout), float32 otherwise."""
+    return "float64" if dtype == "float64" else "float32"
 
 
-def lse(x, shape, dtype):
-    """The forward's log-sum-exp for inputs of `dtype`: (b, h, n) of
-    lse_dtype(dtype), made C-contiguous."""
-    if not isinstance(x, np.ndarray):
-        raise TypeError(f"lse must be a NumPy array from return_lse=True, got {type(x).__name__}")
-    want = lse_dtype(dtype)
-    if x.dtype != want:
-        raise TypeError(f"lse must have dtype {want} for {np.dtype(dtype)} inputs, got {x.dtype}")
-    if x.shape != tuple(shape):
-        raise ValueError(f"lse must have shape {tuple(shape)} (batch, heads, seq), got {x.shape}")
-    return np.ascontiguousarray(x)
+# ------------------------------------------------------------------ placement
+
+def placement(tensors, inputs, device, backend=None):
+    """Where a call runs, from where its arguments are: "cpu", "cuda" (device
+    arrays in, device arrays out) or "host" (host arrays with device='cuda':
+    copied to the GPU and back).  tensors: name -> Tensor; inputs: the names
+    that are inputs (the others are outputs given by the caller); device:
+    parse_device's value; backend: a communicator's, or None."""
+    if backend is not None and device is not None and device[0] != ("cpu" if backend == "mpi" else "cuda"):
+        raise ValueError(f"device is {device[0]!r} but the {backend.upper()} communicator runs on the "
+                         f"{'CPU' if backend == 'mpi' else 'GPU'}")
+    if backend == "mpi":
+        for name, t in tensors.items():
+            if t.kind == "cuda":
+                raise TypeError(f"{name} is a CUDA array but the MPI communicator runs on the CPU; pass NumPy "
+                                "arrays, or use Communicator.nccl() for GPU arrays")
+        return "cpu"
+    if backend == "nccl":
+        for name, t in tensors.items():
+            if t.kind != "cuda":
+                raise TypeError(f"{name}: an NCCL communicator runs on the GPU and takes CUDA arrays "
+                                f"(torch/CuPy tensors, DeviceArray), got {_arrays.what(t)}")
+        return "cuda"
+    cuda = [n for n, t in tensors.items() if t.kind == "cuda"]
+    if device is not None and device[0] == "cpu":
+        if cuda:
+            raise ValueError(f"device='cpu' but {cuda[0]} is a CUDA array; copy it to the host first "
+                             "or leave device=None")
+        return "cpu"
+    if device is None and not cuda:
+        return "cpu"
+    host = [n for n in inputs if tensors[n].kind != "cuda"]
+    if host and len(host) < len(inputs):
+        gpu = next(n for n in inputs if tensors[n].kind == "cuda")
+        raise ValueError(f"{host[0]} is {_arrays.what(tensors[host[0]])} but {gpu} is "
+                         f"{_arrays.what(tensors[gpu])}; pass {', '.join(inputs)} on one device")
+    if host:
+        if device is None:
+            out = cuda[0]
+            raise ValueError(f"{', '.join(inputs)} are host arrays but {out} is {_arrays.what(tensors[out])}; "
+                             "pass device='cuda' to run on the GPU")
+        return "host"
+    for name, t in tensors.items():
+        if t.kind != "cuda":
+            raise ValueError(f"{name} is {_arrays.what(t)} but {inputs[0]} is {_arrays.what(tensors[inputs[0]])}; "
+                             f"{name} must be a CUDA array on the device of {inputs[0]}")
+    return "cuda"
+
+
+def one_device(tensors, requested=()):
+    """The CUDA ordinal shared by every CUDA tensor whose device is known and
+    the requested ones ((label, ordinal) pairs, e.g. ("the requested device",
+    1)), or None when none is known."""
+    known = [(label, d) for label, d in requested if d is not None]
+    known += [(n, t.device) for n, t in tensors.items() if t.kind == "cuda" and t.device >= 0]
+    for name, dev in known[1:]:
+        if dev != known[0][1]:
+            raise ValueError(f"{name} is on cuda:{dev} but {known[0][0]} is on cuda:{known[0][1]}; "
+                             "all arrays must be on one CUDA device")
+    return known[0][1] if known else None
+
+
+def device_memory(tensors):
+    """Every CUDA tensor points at device (or managed) memory; needs a GPU."""
+    for name, t in tensors.items():
+        if t.kind == "cuda" and t.source != "cai":  # intake checked CAI pointers already
+            kind, _ = _ext.pointer_info(t.ptr)
+            if kind not in ("device", "managed"):
+                raise ValueError(f"{name}: its data pointer {t.ptr:#x} is {kind} memory, not CUDA device memory")
+
+
+# ---------------------------------------------------------------- tensors
+
+def _dtype(t, on):
+    allowed = _arrays.CPU_DTYPES if on == "cpu" else _arrays.GPU_DTYPES
+    if t.dtype not in allowed:
+        where = "on the CPU" if on == "cpu" else "on the GPU"
+        raise TypeError(f"{t.name} must have dtype {', '.join(allowed[:-1])} or {allowed[-1]} {where}, "
+                        f"got {t.dtype}")
+
+
+def _shape(t):
+    if len(t.shape) != 4:
+        raise ValueError(f"{t.name} must have 4 dimensions (batch, seq, heads, head_dim), got shape {t.shape}")
+    if 0 in t.shape:
+        raise ValueError(f"{t.name} must not be empty, got shape {t.shape}")
+
+
+def like_q(t, q):
+    if t.dtype != q.dtype:
+        raise TypeError(f"{t.name} has dtype {t.dtype} but {q.name} has {q.dtype}; they must match")
+    if t.shape != q.shape:
+        raise ValueError(f"{t.name} has shape {t.shape} but {q.name} has {q.shape}; they must match")
+
+
+def layout_problem(t, contiguous=False):
+    """What keeps the core from reading t in place, or None: the head
+    dimension contiguous, strides non-negative (C-contiguous when
+    `contiguous`), the pointer aligned to the element and not null."""
+    st = t.strides
+    if contiguous:
+        if st != _arrays.contiguous_strides(t.shape):
+            return f"{t.name} must be C-contiguous, got strides {st} (elements)"
+    elif st[-1] != 1 or any(s < 0 for s in st):
+        return (f"{t.name} must have a contiguous head dimension (last axis) and non-negative strides, "
+                f"got strides {st} (elements)")
+    if t.ptr % t.itemsize:
+        return f"{t.name}: the data pointer {t.ptr:#x} is not aligned to its {t.itemsize}-byte elements"
+    if t.ptr == 0:
+        return f"{t.name}: null data pointer"
+    return None
+
+
+def writable(t):
+    if t.readonly:
+        raise ValueError(f"{t.name} is read-only")
+
+
+def lse(t, q, ranks_shape):
+    """The forward's log-sum-exp: (b, h, n) of lse_dtype(q.dtype)."""
+    want = lse_dtype(q.dtype)
+    if t.dtype != want:
+        raise TypeError(f"{t.name} must have dtype {want} for {q.dtype} inputs (the forward's return_lse=True "
+                        f"result), got {t.dtype}")
+    if t.shape != ranks_shape:
+        raise ValueError(f"{t.name} must have shape {ranks_shape} (batch, heads, seq), got {t.shape}")
+
+
+def arguments(tensors, inputs, outputs, on, host_copied=False):
+    """The tensor rules for one call.  tensors: name -> Tensor; inputs: the
+    input names, q first (q, k, v[, o, lse, dout]); outputs: the names of
+    outputs given by the caller (out[, lse]); on: "cpu" or "cuda" (the device
+    that computes).  Returns the names of host inputs whose layout the core
+    cannot read, to be copied once (NumPy on the CPU); any other layout
+    problem raises ValueError.  host_copied: host arrays are copied to the
+    GPU (device="cuda"), so their layout does not matter."""
+    for name in inputs + outputs:
+        if name != "lse":
+            _dtype(tensors[name], on)
+            _shape(tensors[name])
+    q = tensors[inputs[0]]
+    for name in inputs[1:] + outputs:
+        if name != "lse":
+            like_q(tensors[name], q)
+    if "lse" in tensors:
+        b, n, h, _ = q.shape
+        lse(tensors["lse"], q, (b, h, n))
+    for name in outputs:
+        writable(tensors[name])
+    copies = []
+    for name in inputs + outputs:
+        t = tensors[name]
+        if host_copied and t.kind == "cpu":
+            continue
+        problem = layout_problem(t, contiguous=(name == "lse"))
+        if problem is None:
+            continue
+        if t.kind == "cpu" and name in inputs:
+            copies.append(name)  # a fresh, aligned copy
+        else:
+            raise ValueError(problem)
+    return copies
+
+
+def copy_for_core(t):
+    """A fresh C-contiguous copy of a host Tensor's array."""
+    return np.array(_arrays.host_array(t), order="C", copy=True)

@@ -16,6 +16,15 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
+# The base of the random seeds of tests that draw fresh inputs (test_gpu.py):
+# fixed, so that a failure can be reproduced, and shown in pytest's header.
+TEST_SEED = int(os.environ.get("RINGATTN_TEST_SEED", "0"))
+
+
+def pytest_report_header(config):
+    return f"ringattn test seed: RINGATTN_TEST_SEED={TEST_SEED}"
+
+
 # float32: max abs error <= F32_TOL * max|ref|  (and the same for lse, see below)
 F32_TOL = 2e-5
 F16_TOL = 1e-2

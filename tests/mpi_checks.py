@@ -114,6 +114,13 @@ def main():
         attn(shard, shard, shard, requires_grad=True)
         dout = shard[:, :32] if RANK == 0 else shard
         expect_error_everywhere("backward dout", ValueError, lambda: attn.backward(dout), "dout")
+        # one rank's out= has the wrong shape: everybody raises
+        attn = ringattn.RingDilatedAttention([64 * K], [1], comm=comm)
+        out = np.empty((1, 64, 2, 8), np.float32) if RANK == 0 else np.empty_like(shard)
+        expect_error_everywhere("out", ValueError, lambda: attn(shard, shard, shard, out=out), "out")
+        # a plan rule broken on one rank only (a segment that divides no sequence length)
+        attn = ringattn.RingDilatedAttention([48] if RANK == K - 1 else [64 * K], [1], comm=comm)
+        expect_error_everywhere("plan", ValueError, lambda: attn(shard, shard, shard), "segment_lengths")
         # the communicator still works afterwards
         check_case("after errors", 1, 64 * K, 2, 16, [64 * K], [1])
 
@@ -126,7 +133,7 @@ except Exception:
     ok = 0
 flags = np.zeros(K, np.uint8)
 flags_local = np.array([ok], np.uint8)
-ringattn._core.comm_allgather(comm.handle(), flags_local, flags)
+ringattn._ext.comm_allgather(comm.handle(), flags_local, flags)
 comm.close()
 if RANK == 0:
     print("MPI CHECKS PASSED" if flags.all() else f"MPI CHECKS FAILED on ranks {np.nonzero(flags == 0)[0].tolist()}")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import ringattn
+from ringattn import _arrays, _validate
 from conftest import (assert_lse_close, assert_out_close, make_qkv, poison_heap)
 from reference import dense_attention, group_head_ranges, reference_attention
 
@@ -244,6 +245,34 @@ def test_mixed_layouts_between_q_k_v():
     o = ringattn.dilated_attention(q, kn, vn, [64], [1], causal=True)
     ro, _ = dense_attention(q, k, v, causal=True)
     assert_out_close(o, ro, np.float32)
+
+
+def test_k_and_v_with_different_strides():
+    """k and v need not share a layout: the core reads each with its own
+    strides, so neither is copied (the result is still exact)."""
+    q, k, v = make_qkv(18, 2, 64, 3, 16)
+    kt = _noncontig_variants(k)["transposed"]                                 # (b, h, n, d) storage
+    vs = np.ascontiguousarray(v.transpose(1, 0, 2, 3)).transpose(1, 0, 2, 3)  # sequence-major storage
+    assert kt.strides != vs.strides and kt.strides[1:3] != vs.strides[1:3]
+    tensors = _arrays.describe_all({"q": q, "k": kt, "v": vs})
+    try:
+        assert _validate.arguments(tensors, ["q", "k", "v"], [], "cpu") == []  # nothing to copy
+    finally:
+        _arrays.release_all(tensors)
+    segs, rates = [32, 64], [1, 2]
+    ro, rl = reference_attention(q, k, v, segs, rates, causal=True, mode="longnet")
+    for kk, vv in ((kt, v), (k, vs), (kt, vs)):
+        o, lse = ringattn.dilated_attention(q, kk, vv, segs, rates, causal=True, mode="longnet", return_lse=True)
+        assert_out_close(o, ro, np.float32)
+        assert_lse_close(lse, rl, np.float32)
+    o = ringattn.RingDilatedAttention(segs, rates, causal=True, mode="longnet", world_size=2)(q, kt, vs)
+    assert_out_close(o, ro, np.float32)
+    dout = make_qkv(19, 2, 64, 3, 16)[0]
+    o, lse = ringattn.dilated_attention(q, k, v, segs, rates, causal=True, mode="longnet", return_lse=True)
+    want = ringattn.dilated_attention_backward(q, k, v, o, lse, dout, segs, rates, causal=True, mode="longnet")
+    got = ringattn.dilated_attention_backward(q, kt, vs, o, lse, dout, segs, rates, causal=True, mode="longnet")
+    for name, g, r in zip(("dq", "dk", "dv"), got, want):
+        np.testing.assert_allclose(g, r, rtol=0, atol=1e-5, err_msg=name)
 
 
 def test_thread_counts_agree_and_roundtrip():

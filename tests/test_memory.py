@@ -15,7 +15,6 @@ overhead over peak(1)/k is at most two key/value blocks (factor 2.25), and
 (iii) a lower bound: the caller's shards are counted.
 """
 
-import numpy as np
 import pytest
 
 import ringattn

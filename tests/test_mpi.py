@@ -20,7 +20,7 @@ MPIRUN = shutil.which("mpirun")
 
 pytestmark = [
     pytest.mark.skipif(MPIRUN is None, reason="mpirun not found (apt-get install openmpi-bin)"),
-    pytest.mark.skipif(not ringattn._core.have()["mpi"], reason="ringattn built without MPI"),
+    pytest.mark.skipif(not ringattn._ext.have()["mpi"], reason="ringattn built without MPI"),
 ]
 
 

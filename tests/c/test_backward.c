@@ -17,8 +17,8 @@
 #include <string.h>
 #include <time.h>
 
-#include "cpu_backward.h"
-#include "half.h"
+#include "cpu/backward.h"
+#include "cpu/half.h"
 
 #include "harness.h"
 static float nonzero(float amp) {

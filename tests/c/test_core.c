@@ -6,8 +6,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "calls.h"
 #include "naive.h"
-#include "ringattn.h"
+#include "ring/driver.h"
 
 #include "harness.h"
 
@@ -72,9 +73,9 @@ static double ring_error(const ra_config *c, ra_stats *stats, double *lse_err) {
   double err = INFINITY;
   ra_plan *plan = NULL;
   if (ra_plan_create(c, &plan) == RA_OK) {
-    ra_exec exec = {2, 1};
-    ra_status st = ra_inproc_forward(plan, contiguous(qt, c), contiguous(kt, c), contiguous(vt, c),
-                                     contiguous(o, c), lse, &exec, stats);
+    ra_exec exec = cpu_exec(2, 1);
+    ra_status st = call_forward(c, RA_DEVICE_CPU, contiguous(qt, c), contiguous(kt, c), contiguous(vt, c),
+                                contiguous(o, c), lse, &exec, stats);
     if (st == RA_OK) {
       naive_attention(c, q, k, v, ref, ref_lse);
       err = 0;
@@ -244,13 +245,13 @@ static void test_float64_backward_ring(void) {
       double *g = filled(x[3], count, c.dtype), *o = filled(NULL, count, c.dtype), *lse = filled(NULL, rows, c.dtype);
       for (int i = 0; i < 3; i++) out[pass][i] = filled(NULL, count, c.dtype);
       ra_plan *plan;
-      ra_exec exec = {2, 1};
+      ra_exec exec = cpu_exec(2, 1);
       CHECK(ra_plan_create(&c, &plan) == RA_OK);
-      CHECK(ra_inproc_forward(plan, contiguous(q, &c), contiguous(k, &c), contiguous(v, &c), contiguous(o, &c),
-                              lse, &exec, NULL) == RA_OK);
-      CHECK(ra_inproc_backward(plan, contiguous(q, &c), contiguous(k, &c), contiguous(v, &c), contiguous(o, &c),
-                               contiguous(g, &c), lse, contiguous(out[pass][0], &c), contiguous(out[pass][1], &c),
-                               contiguous(out[pass][2], &c), &exec, NULL) == RA_OK);
+      CHECK(call_forward(&c, RA_DEVICE_CPU, contiguous(q, &c), contiguous(k, &c), contiguous(v, &c),
+                         contiguous(o, &c), lse, &exec, NULL) == RA_OK);
+      CHECK(call_backward(&c, RA_DEVICE_CPU, contiguous(q, &c), contiguous(k, &c), contiguous(v, &c),
+                          contiguous(o, &c), contiguous(g, &c), lse, contiguous(out[pass][0], &c),
+                          contiguous(out[pass][1], &c), contiguous(out[pass][2], &c), &exec, NULL) == RA_OK);
       ra_plan_destroy(plan);
       for (int i = 0; i < 4; i++) free(x[i]);
       free(q); free(k); free(v); free(g); free(o); free(lse);
@@ -324,22 +325,17 @@ static void test_nonfinite_refused(void) {
   ra_config c = make_config(1, 16, 1, 8, 1, s, r, 0, RA_MODE_GROUPS, 2);
   float *q = random_tensor(128), *k = random_tensor(128), *v = random_tensor(128), o[128];
   k[77] = NAN;
-  ra_plan *plan;
-  CHECK(ra_plan_create(&c, &plan) == RA_OK);
-  ra_exec exec = {1, 1};
-  CHECK(ra_inproc_forward(plan, contiguous(q, &c), contiguous(k, &c), contiguous(v, &c),
-                          contiguous(o, &c), NULL, &exec, NULL) == RA_ERR_NONFINITE);
+  ra_exec exec = cpu_exec(1, 1);
+  CHECK(call_forward(&c, RA_DEVICE_CPU, contiguous(q, &c), contiguous(k, &c), contiguous(v, &c),
+                     contiguous(o, &c), NULL, &exec, NULL) == RA_ERR_NONFINITE);
   CHECK(strstr(ra_last_error(), "k contains") != NULL);
-  ra_plan_destroy(plan);
   /* float64: an infinity in v (the scan reads 8-byte elements) */
   c.dtype = RA_FLOAT64;
   double *q64 = filled(q, 128, c.dtype), *v64 = filled(v, 128, c.dtype), o64[128];
   v64[127] = INFINITY;
-  CHECK(ra_plan_create(&c, &plan) == RA_OK);
-  CHECK(ra_inproc_forward(plan, contiguous(q64, &c), contiguous(q64, &c), contiguous(v64, &c),
-                          contiguous(o64, &c), NULL, &exec, NULL) == RA_ERR_NONFINITE);
+  CHECK(call_forward(&c, RA_DEVICE_CPU, contiguous(q64, &c), contiguous(q64, &c), contiguous(v64, &c),
+                     contiguous(o64, &c), NULL, &exec, NULL) == RA_ERR_NONFINITE);
   CHECK(strstr(ra_last_error(), "v contains") != NULL);
-  ra_plan_destroy(plan);
   free(q64); free(v64);
   free(q); free(k); free(v);
 }
@@ -354,11 +350,23 @@ static void test_failed_rank_does_not_hang(void) {
   ra_inproc_world *w;
   CHECK(ra_inproc_world_create(2, &w) == RA_OK);
   ra_transport t1 = ra_inproc_transport(w, 1), t0 = ra_inproc_transport(w, 0);
-  ra_tensor ok = contiguous(x, &c), bad = ok, out = contiguous(o, &c);
-  bad.data = NULL;
+  ra_stats stats[2];
+  ra_call call;
+  memset(&call, 0, sizeof call);
+  ra_fwd_params_init(&call.p.fwd);
+  call.p.fwd.cfg = c;
+  call.p.fwd.q = call.p.fwd.k = call.p.fwd.v = contiguous(x, &c);
+  call.p.fwd.o = contiguous(o, &c);
+  call.p.fwd.exec.num_threads = 2;
+  call.p.fwd.stats = stats;
+  call.plan = plan;
+  call.rows = c.seq_len;
+  ra_call bad = ra_rank_view(&call, 1), good = ra_rank_view(&call, 0);
+  bad.p.fwd.q.data = NULL;
   /* rank 1 fails its argument check and aborts; rank 0 then runs alone */
-  CHECK(ra_ring_forward(plan, &t1, bad, ok, ok, out, NULL, 0, NULL, NULL) == RA_ERR_INVALID_ARGUMENT);
-  CHECK(ra_ring_forward(plan, &t0, ok, ok, ok, out, NULL, 0, NULL, NULL) == RA_ERR_TRANSPORT);
+  const ra_backend_iface *cpu = ra_cpu_backend_iface();
+  CHECK(ra_run_rank(cpu, NULL, &bad, &t1) == RA_ERR_INVALID_ARGUMENT);
+  CHECK(ra_run_rank(cpu, NULL, &good, &t0) == RA_ERR_TRANSPORT);
   ra_inproc_world_destroy(w);
   ra_plan_destroy(plan);
   free(x);

@@ -2,15 +2,18 @@
  * test_cuda.c -- GPU kernels against their CPU references.  Exits 77 (the
  * "skipped" code of meson test) when no CUDA device is present.
  *
- * The CUDA forward (ra_cuda_forward) is compared with the CPU ring
- * (ra_inproc_forward) on the same plan and fresh random inputs, with every
- * output element poisoned (NaN) beforehand: fp32, fp16 and bf16 (the CPU
- * has no bf16, so its reference runs in fp32 on the bf16-rounded inputs),
- * both modes, causal and not, ring sizes 1 to 8, local and spanning
- * branches, head dims 64 / 128 (tensor cores) and others (SIMT kernel),
- * padded layouts, and the tensor-core cases again on the SIMT kernel.
- * The CUDA backward (ra_cuda_backward) is compared in the same way with the
- * CPU ring's backward (ra_inproc_backward), given the same o, lse and dout.
+ * The CUDA forward (ra_forward on RA_DEVICE_CUDA tensors) is compared with
+ * the CPU ring (ra_forward on RA_DEVICE_CPU tensors) on the same
+ * configuration and fresh random inputs, with every output element
+ * poisoned (NaN) beforehand: fp32, fp16 and bf16 (the CPU has no bf16, so
+ * its reference runs in fp32 on the bf16-rounded inputs), both modes,
+ * causal and not, ring sizes 1 to 8, local and spanning branches, head dims
+ * 64 / 128 (tensor cores) and others (SIMT kernel), padded layouts, and the
+ * tensor-core cases again on the SIMT kernel (exec.kernel RA_KERNEL_SIMT).
+ * The CUDA backward (ra_backward) is compared in the same way with the CPU
+ * ring's backward, given the same o, lse and dout, also on the SIMT kernels
+ * and on the deterministic two-pass kernels (exec.deterministic).  The CUDA
+ * runtime helpers of ringattn.h get a round trip of their own.
  */
 #define _POSIX_C_SOURCE 200809L
 #include <cuda_runtime_api.h>
@@ -20,7 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "half.h"
+#include "cpu/half.h"
 #include "ringattn.h"
 
 static int failures;
@@ -135,6 +138,56 @@ static ra_config case_config(const fwd_case *fc, int causal, ra_dtype dtype) {
 
 static cudaStream_t user_stream; /* the caller's stream of every forward */
 
+/* One call of ra_forward on full-length tensors t (q, k, v, o) of device
+ * type `dev`, lse (b, h, n) rows n apart.  A CUDA call waits for
+ * user_stream; kernel "simt" restricts it to the SIMT kernels. */
+static ra_status forward_call(const ra_config *cfg, ra_device_type dev, const ra_tensor *t, float *lse,
+                              const char *kernel, ra_stats *stats) {
+  ra_fwd_params p;
+  ra_fwd_params_init(&p);
+  p.cfg = *cfg;
+  p.device_type = dev;
+  p.q = t[0];
+  p.k = t[1];
+  p.v = t[2];
+  p.o = t[3];
+  p.lse = lse;
+  p.lse_ld = cfg->seq_len;
+  if (dev == RA_DEVICE_CUDA) {
+    p.exec.stream = user_stream;
+    if (kernel && strcmp(kernel, "simt") == 0) p.exec.kernel = RA_KERNEL_SIMT;
+  }
+  p.stats = stats;
+  return ra_forward(&p);
+}
+
+/* ra_backward likewise: t holds q, k, v, o, dout, dq, dk, dv; kernel "simt"
+ * (the SIMT kernels) or "deterministic" (the two-pass tensor-core kernels). */
+static ra_status backward_call(const ra_config *cfg, ra_device_type dev, const ra_tensor *t, const float *lse,
+                               const char *kernel, ra_stats *stats) {
+  ra_bwd_params p;
+  ra_bwd_params_init(&p);
+  p.fwd.cfg = *cfg;
+  p.fwd.device_type = dev;
+  p.fwd.q = t[0];
+  p.fwd.k = t[1];
+  p.fwd.v = t[2];
+  p.fwd.o = t[3];
+  p.fwd.lse = (void *)lse; /* only read */
+  p.fwd.lse_ld = cfg->seq_len;
+  p.dout = t[4];
+  p.dq = t[5];
+  p.dk = t[6];
+  p.dv = t[7];
+  if (dev == RA_DEVICE_CUDA) {
+    p.fwd.exec.stream = user_stream;
+    if (kernel && strcmp(kernel, "simt") == 0) p.fwd.exec.kernel = RA_KERNEL_SIMT;
+    if (kernel && strcmp(kernel, "deterministic") == 0) p.fwd.exec.deterministic = 1;
+  }
+  p.fwd.stats = stats;
+  return ra_backward(&p);
+}
+
 /* One comparison; returns the number of mismatching values (printed). */
 static int64_t run_forward_case(const fwd_case *fc, int causal, ra_dtype dtype, const char *kernel) {
   const int64_t sh = fc->d + fc->pad, sn = fc->h * sh, sb = fc->n * sn;
@@ -146,7 +199,7 @@ static int64_t run_forward_case(const fwd_case *fc, int causal, ra_dtype dtype, 
   int64_t bad = 0;
 
   ra_config dc = case_config(fc, causal, dtype), rc = case_config(fc, causal, ref_dtype);
-  ra_plan *dplan = NULL, *rplan = NULL;
+  ra_plan *dplan = NULL, *rplan = NULL; /* both configurations must be valid */
   if (ra_plan_create(&dc, &dplan) != RA_OK || ra_plan_create(&rc, &rplan) != RA_OK) {
     fprintf(stderr, "  %s: plan: %s\n", fc->name, ra_last_error());
     ra_plan_destroy(dplan);
@@ -182,18 +235,15 @@ static int64_t run_forward_case(const fwd_case *fc, int causal, ra_dtype dtype, 
     t_ref[t] = (ra_tensor){ref_ptr[t], sb, sn, sh};
     t_dev[t] = (ra_tensor){dev_ptr[t], sb, sn, sh};
   }
-  ra_exec exec = {0, 0};
   ra_stats *stats = calloc((size_t)fc->world, sizeof *stats);
-  ra_status st = ra_inproc_forward(rplan, t_ref[0], t_ref[1], t_ref[2], t_ref[3], ref_lse, &exec, NULL);
+  ra_status st = forward_call(&rc, RA_DEVICE_CPU, t_ref, ref_lse, NULL, NULL);
   if (st != RA_OK) {
     fprintf(stderr, "  %s: CPU reference failed: %s\n", fc->name, ra_last_error());
     bad++;
   }
-  if (kernel) setenv("RINGATTN_CUDA_KERNEL", kernel, 1);
-  ra_status gst = ra_cuda_forward(dplan, t_dev[0], t_dev[1], t_dev[2], t_dev[3], d_lse, user_stream, stats);
-  if (kernel) unsetenv("RINGATTN_CUDA_KERNEL");
+  ra_status gst = forward_call(&dc, RA_DEVICE_CUDA, t_dev, d_lse, kernel, stats);
   if (gst != RA_OK) {
-    fprintf(stderr, "  %s: ra_cuda_forward failed: %s\n", fc->name, ra_last_error());
+    fprintf(stderr, "  %s: CUDA ra_forward failed: %s\n", fc->name, ra_last_error());
     bad++;
   }
   CHECK(cudaMemcpy(got_o, d_o, es * (size_t)total, cudaMemcpyDeviceToHost) == cudaSuccess);
@@ -304,9 +354,9 @@ static double grad_error(const void *a, ra_dtype ta, const void *b, ra_dtype tb,
   return err / scale;
 }
 
-/* ra_cuda_backward against ra_inproc_backward on the same plan: both get
- * the CPU forward's o (rounded to the device dtype) and lse, and the same
- * dout; dq, dk, dv are NaN-poisoned first. */
+/* The CUDA ra_backward against the CPU one on the same configuration: both
+ * get the CPU forward's o (rounded to the device dtype) and lse, and the
+ * same dout; dq, dk, dv are NaN-poisoned first. */
 static int64_t run_backward_case(const fwd_case *fc, int causal, ra_dtype dtype, const char *kernel) {
   const int64_t sh = fc->d + fc->pad, sn = fc->h * sh, sb = fc->n * sn;
   const int64_t total = fc->b * sb, rows = fc->b * fc->h * fc->n;
@@ -316,7 +366,7 @@ static int64_t run_backward_case(const fwd_case *fc, int causal, ra_dtype dtype,
   static unsigned seed = 77;
   int64_t bad = 0;
   ra_config dc = case_config(fc, causal, dtype), rc = case_config(fc, causal, ref_dtype);
-  ra_plan *dplan = NULL, *rplan = NULL;
+  ra_plan *dplan = NULL, *rplan = NULL; /* both configurations must be valid */
   if (ra_plan_create(&dc, &dplan) != RA_OK || ra_plan_create(&rc, &rplan) != RA_OK) {
     fprintf(stderr, "  %s: plan: %s\n", fc->name, ra_last_error());
     ra_plan_destroy(dplan);
@@ -342,14 +392,13 @@ static int64_t run_backward_case(const fwd_case *fc, int causal, ra_dtype dtype,
     tr[t] = (ra_tensor){ref[t], sb, sn, sh};
     td[t] = (ra_tensor){dev[t], sb, sn, sh};
   }
-  ra_exec exec = {0, 0};
-  ra_status st = ra_inproc_forward(rplan, tr[0], tr[1], tr[2], tr[3], lse, &exec, NULL);
+  ra_status st = forward_call(&rc, RA_DEVICE_CPU, tr, lse, NULL, NULL);
   for (int64_t i = 0; i < total && st == RA_OK; i++) { /* o in the device dtype, the reference alike */
     put(host[3], dtype, i, get(ref[3], ref_dtype, i));
     put(ref[3], ref_dtype, i, get(host[3], dtype, i));
   }
   for (int t = 5; t < 8; t++) memset(ref[t], 0xff, res * (size_t)total);
-  if (st == RA_OK) st = ra_inproc_backward(rplan, tr[0], tr[1], tr[2], tr[3], tr[4], lse, tr[5], tr[6], tr[7], &exec, NULL);
+  if (st == RA_OK) st = backward_call(&rc, RA_DEVICE_CPU, tr, lse, NULL, NULL);
   if (st != RA_OK) {
     fprintf(stderr, "  %s: CPU reference failed: %s\n", fc->name, ra_last_error());
     bad++;
@@ -358,16 +407,11 @@ static int64_t run_backward_case(const fwd_case *fc, int causal, ra_dtype dtype,
   for (int t = 5; t < 8; t++) CHECK(cudaMemsetAsync(dev[t], 0xff, es * (size_t)total, user_stream) == cudaSuccess);
   CHECK(cudaMemcpy(d_lse, lse, sizeof(float) * (size_t)rows, cudaMemcpyHostToDevice) == cudaSuccess);
   ra_stats *stats = calloc((size_t)fc->world, sizeof *stats);
-  /* kernel: "simt" (RINGATTN_CUDA_KERNEL) or "deterministic" (the two-pass
-   * tensor-core kernels, RINGATTN_DETERMINISTIC=1) */
-  const int det = kernel && strcmp(kernel, "deterministic") == 0;
-  const char *env = det ? "RINGATTN_DETERMINISTIC" : "RINGATTN_CUDA_KERNEL";
-  if (kernel) setenv(env, det ? "1" : kernel, 1);
-  ra_status gst = ra_cuda_backward(dplan, td[0], td[1], td[2], td[3], td[4], d_lse, td[5], td[6], td[7],
-                                   user_stream, stats);
-  if (kernel) unsetenv(env);
+  /* kernel: "simt" (exec.kernel RA_KERNEL_SIMT) or "deterministic" (the
+   * two-pass tensor-core kernels, exec.deterministic) */
+  ra_status gst = backward_call(&dc, RA_DEVICE_CUDA, td, d_lse, kernel, stats);
   if (gst != RA_OK) {
-    fprintf(stderr, "  %s: ra_cuda_backward failed: %s\n", fc->name, ra_last_error());
+    fprintf(stderr, "  %s: CUDA ra_backward failed: %s\n", fc->name, ra_last_error());
     bad++;
   }
   double err[3] = {0, 0, 0};
@@ -421,7 +465,9 @@ static void test_backward(void) {
   cudaStreamDestroy(user_stream);
 }
 
-/* Clear refusals: host memory, an unsupported head dim. */
+/* Clear refusals: host memory, an unsupported head dim, float64, a device
+ * that does not exist; and a call on an explicit device leaves the caller's
+ * current device as it was. */
 static void test_forward_errors(void) {
   ra_config c;
   ra_config_init(&c);
@@ -432,19 +478,107 @@ static void test_forward_errors(void) {
   c.num_branches = 1;
   c.segment_lengths[0] = 64;
   c.dilation_rates[0] = 1;
-  ra_plan *plan = NULL;
+  ra_plan *plan = NULL; /* the configuration is valid: the refusals are the backend's */
   CHECK(ra_plan_create(&c, &plan) == RA_OK);
-  float *host = calloc(64 * 64, sizeof(float));
-  ra_tensor t = {host, 64 * 64, 64, 64};
-  CHECK(ra_cuda_forward(plan, t, t, t, t, NULL, NULL, NULL) == RA_ERR_INVALID_ARGUMENT);
-  CHECK(strstr(ra_last_error(), "device memory") != NULL);
   ra_plan_destroy(plan);
+  float *host[4];
+  ra_tensor t[4];
+  for (int i = 0; i < 4; i++) {
+    host[i] = calloc(64 * 300, sizeof(float));
+    t[i] = (ra_tensor){host[i], 64 * 64, 64, 64};
+  }
+  CHECK(forward_call(&c, RA_DEVICE_CUDA, t, NULL, NULL, NULL) == RA_ERR_INVALID_ARGUMENT);
+  CHECK(strstr(ra_last_error(), "device memory") != NULL);
   c.head_dim = 300;
   CHECK(ra_plan_create(&c, &plan) == RA_OK);
-  CHECK(ra_cuda_forward(plan, t, t, t, t, NULL, NULL, NULL) == RA_ERR_UNSUPPORTED);
-  CHECK(strstr(ra_last_error(), "head_dim") != NULL);
   ra_plan_destroy(plan);
-  free(host);
+  for (int i = 0; i < 4; i++) t[i] = (ra_tensor){host[i], 64 * 300, 300, 300};
+  CHECK(forward_call(&c, RA_DEVICE_CUDA, t, NULL, NULL, NULL) == RA_ERR_UNSUPPORTED);
+  CHECK(strstr(ra_last_error(), "head_dim") != NULL);
+  for (int i = 0; i < 4; i++) free(host[i]);
+
+  /* float64 is the CPU's alone; device tensors from here on */
+  c.head_dim = 64;
+  void *dev[4] = {NULL, NULL, NULL, NULL};
+  for (int i = 0; i < 4; i++) {
+    CHECK(cudaMalloc(&dev[i], 64 * 64 * sizeof(double)) == cudaSuccess);
+    CHECK(cudaMemset(dev[i], 0, 64 * 64 * sizeof(double)) == cudaSuccess);
+    t[i] = (ra_tensor){dev[i], 64 * 64, 64, 64};
+  }
+  c.dtype = RA_FLOAT64;
+  CHECK(forward_call(&c, RA_DEVICE_CUDA, t, NULL, NULL, NULL) == RA_ERR_UNSUPPORTED);
+  CHECK(strstr(ra_last_error(), "float64") != NULL);
+  c.dtype = RA_FLOAT32;
+
+  /* exec.device: one that does not exist is refused; an existing one runs
+   * (two ranks, no stats) and leaves the caller's device current */
+  int before = -1, after = -2;
+  CHECK(cudaGetDevice(&before) == cudaSuccess);
+  ra_fwd_params p;
+  ra_fwd_params_init(&p);
+  p.cfg = c;
+  p.cfg.world_size = 2;
+  p.device_type = RA_DEVICE_CUDA;
+  p.q = t[0];
+  p.k = t[1];
+  p.v = t[2];
+  p.o = t[3];
+  p.exec.device = ra_cuda_device_count();
+  CHECK(ra_forward(&p) != RA_OK);
+  CHECK(strstr(ra_last_error(), "device") != NULL);
+  p.exec.device = before;
+  CHECK(ra_forward(&p) == RA_OK);
+  CHECK(cudaGetDevice(&after) == cudaSuccess && after == before);
+  for (int i = 0; i < 4; i++) cudaFree(dev[i]);
+}
+
+/* The runtime helpers of ringattn.h: allocation, copies both ways, pointer
+ * kinds, synchronisation, and their refusals. */
+static void test_runtime(void) {
+  CHECK(ra_have_cuda() == 1);
+  int current = -2, after = -3;
+  CHECK(ra_cuda_current_device(&current) == RA_OK && current >= 0);
+  const size_t n = 1000;
+  float *h = malloc(n * sizeof(float)), *back = malloc(n * sizeof(float));
+  for (size_t i = 0; i < n; i++) {
+    h[i] = 0.5f * (float)i;
+    back[i] = -1.0f;
+  }
+  void *d = NULL;
+  CHECK(ra_cuda_malloc(current, n * sizeof(float), &d) == RA_OK && d != NULL);
+  CHECK(ra_cuda_copy_to_device(current, d, h, n * sizeof(float)) == RA_OK);
+  CHECK(ra_cuda_synchronize(-1, NULL) == RA_OK);
+  CHECK(ra_cuda_copy_to_host(-1, back, d, n * sizeof(float)) == RA_OK);
+  CHECK(memcmp(h, back, n * sizeof(float)) == 0);
+  ra_memory_kind kind = RA_MEMORY_HOST;
+  int where = -2;
+  CHECK(ra_cuda_pointer_info(d, &kind, &where) == RA_OK && kind == RA_MEMORY_DEVICE && where == current);
+  CHECK(ra_cuda_pointer_info(h, &kind, &where) == RA_OK && kind == RA_MEMORY_UNREGISTERED && where == -1);
+  CHECK(ra_cuda_free(current, d) == RA_OK);
+  void *pinned = NULL, *managed = NULL;
+  if (cudaMallocHost(&pinned, 64) == cudaSuccess) {
+    CHECK(ra_cuda_pointer_info(pinned, &kind, &where) == RA_OK && kind == RA_MEMORY_HOST && where == -1);
+    cudaFreeHost(pinned);
+  }
+  if (cudaMallocManaged(&managed, 64, cudaMemAttachGlobal) == cudaSuccess) {
+    CHECK(ra_cuda_pointer_info(managed, &kind, &where) == RA_OK && kind == RA_MEMORY_MANAGED);
+    cudaFree(managed);
+  }
+  /* zero bytes still give a freeable address */
+  d = NULL;
+  CHECK(ra_cuda_malloc(-1, 0, &d) == RA_OK && d != NULL);
+  CHECK(ra_cuda_free(-1, d) == RA_OK);
+  /* refusals: no such device, more memory than any GPU has (and the next
+   * call starts clean) */
+  d = h;
+  CHECK(ra_cuda_malloc(ra_cuda_device_count(), 16, &d) == RA_ERR_INVALID_ARGUMENT && d == NULL);
+  CHECK(ra_cuda_malloc(-1, (size_t)1 << 60, &d) == RA_ERR_OUT_OF_MEMORY && d == NULL);
+  CHECK(strstr(ra_last_error(), "CUDA error") != NULL);
+  CHECK(ra_cuda_malloc(-1, 16, &d) == RA_OK && d != NULL);
+  CHECK(ra_cuda_free(-1, d) == RA_OK);
+  CHECK(ra_cuda_current_device(&after) == RA_OK && after == current);
+  free(h);
+  free(back);
 }
 
 int main(void) {
@@ -452,6 +586,7 @@ int main(void) {
     printf("no CUDA device: skipped\n");
     return 77;
   }
+  test_runtime();
   test_merge();
   test_forward_errors();
   test_forward();

@@ -1,0 +1,180 @@
+/*
+ * plan.c -- validate a configuration and derive the ring schedule.
+ *
+ * All the rules of the semantics are checked here, once, so that the
+ * kernels and the ring driver can trust their inputs.  Messages name the
+ * field as the Python API spells it.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+void ra_config_init(ra_config *cfg) {
+  memset(cfg, 0, sizeof *cfg);
+  cfg->causal = 0;
+  cfg->mode = RA_MODE_GROUPS;
+  cfg->scale = 0.0;
+  cfg->world_size = 1;
+  cfg->dtype = RA_FLOAT32;
+}
+
+int ra_mul_ok(int64_t a, int64_t b, int64_t *out) {
+  if (a < 0 || b < 0 || (a != 0 && b > INT64_MAX / a)) return 0;
+  *out = a * b;
+  return 1;
+}
+
+int ra_mul4_ok(int64_t a, int64_t b, int64_t c, int64_t d, int64_t *out) {
+  int64_t ab, abc;
+  return ra_mul_ok(a, b, &ab) && ra_mul_ok(ab, c, &abc) && ra_mul_ok(abc, d, out);
+}
+
+size_t ra_dtype_size(ra_dtype dtype) {
+  switch (dtype) {
+    case RA_FLOAT64: return 8;
+    case RA_FLOAT32: return 4;
+    default: return 2; /* float16, bfloat16 */
+  }
+}
+
+size_t ra_acc_size(ra_dtype dtype) { return dtype == RA_FLOAT64 ? sizeof(double) : sizeof(float); }
+
+ra_run ra_active_run(int64_t segment, int64_t rate, int64_t off,
+                     int64_t start, int64_t len) {
+  ra_run run;
+  int64_t u0 = start % segment;                 /* window start inside segment */
+  int64_t first = ((off - u0) % rate + rate) % rate;
+  run.first = first;
+  run.count = first < len ? (len - 1 - first) / rate + 1 : 0;
+  return run;
+}
+
+static ra_status check_shape(const ra_config *c) {
+  if (c->batch < 1) return ra_fail(RA_ERR_INVALID_ARGUMENT, "q: batch size must be >= 1, got %lld", (long long)c->batch);
+  if (c->seq_len < 1) return ra_fail(RA_ERR_INVALID_ARGUMENT, "q: sequence length must be >= 1, got %lld", (long long)c->seq_len);
+  if (c->num_heads < 1) return ra_fail(RA_ERR_INVALID_ARGUMENT, "q: number of heads must be >= 1, got %lld", (long long)c->num_heads);
+  if (c->head_dim < 1) return ra_fail(RA_ERR_INVALID_ARGUMENT, "q: head dim must be >= 1, got %lld", (long long)c->head_dim);
+  if (c->dtype != RA_FLOAT32 && c->dtype != RA_FLOAT16 && c->dtype != RA_BFLOAT16 && c->dtype != RA_FLOAT64)
+    return ra_fail(RA_ERR_INVALID_ARGUMENT, "dtype: unknown dtype code %d", (int)c->dtype);
+  /* every size the core computes is at most a small multiple of a tensor's
+   * bytes: refuse shapes whose bytes (times 16, for the accumulators and
+   * ring blocks in double) do not fit, so that no product can wrap */
+  int64_t elems, bytes;
+  if (!ra_mul4_ok(c->batch, c->seq_len, c->num_heads, c->head_dim, &elems) ||
+      !ra_mul_ok(elems, 16 * (int64_t)sizeof(double), &bytes) || (uint64_t)bytes > (uint64_t)SIZE_MAX)
+    return ra_fail(RA_ERR_INVALID_ARGUMENT,
+                   "q: shape (%lld, %lld, %lld, %lld) holds more elements than this machine can address",
+                   (long long)c->batch, (long long)c->seq_len, (long long)c->num_heads, (long long)c->head_dim);
+  return RA_OK;
+}
+
+static ra_status check_branches(const ra_config *c) {
+  int G = c->num_branches;
+  if (G < 1 || G > RA_MAX_BRANCHES)
+    return ra_fail(RA_ERR_INVALID_ARGUMENT, "segment_lengths: need 1 to %d branches, got %d", RA_MAX_BRANCHES, G);
+  for (int i = 0; i < G; i++) {
+    int64_t s = c->segment_lengths[i], r = c->dilation_rates[i];
+    if (s < 1) return ra_fail(RA_ERR_INVALID_ARGUMENT, "segment_lengths[%d] must be >= 1, got %lld", i, (long long)s);
+    if (r < 1) return ra_fail(RA_ERR_INVALID_ARGUMENT, "dilation_rates[%d] must be >= 1, got %lld", i, (long long)r);
+    int64_t S = s < c->seq_len ? s : c->seq_len;
+    if (c->seq_len % S != 0)
+      return ra_fail(RA_ERR_INVALID_ARGUMENT, "segment_lengths[%d]=%lld: sequence length %lld is not divisible by it", i, (long long)S, (long long)c->seq_len);
+    if (S % r != 0)
+      return ra_fail(RA_ERR_INVALID_ARGUMENT, "dilation_rates[%d]=%lld does not divide the effective segment length %lld", i, (long long)r, (long long)S);
+  }
+  if (c->mode != RA_MODE_GROUPS && c->mode != RA_MODE_LONGNET)
+    return ra_fail(RA_ERR_INVALID_ARGUMENT, "mode: unknown mode code %d", (int)c->mode);
+  if (c->mode == RA_MODE_GROUPS && c->num_heads < G)
+    return ra_fail(RA_ERR_INVALID_ARGUMENT, "segment_lengths: mode \"groups\" needs at least one head per branch, got %lld heads for %d branches", (long long)c->num_heads, G);
+  if (!isfinite(c->scale))
+    return ra_fail(RA_ERR_INVALID_ARGUMENT, "scale must be finite, got %g", c->scale);
+  return RA_OK;
+}
+
+static ra_status check_ring(const ra_config *c) {
+  int64_t k = c->world_size;
+  if (k < 1) return ra_fail(RA_ERR_INVALID_ARGUMENT, "world_size must be >= 1, got %lld", (long long)k);
+  if (c->seq_len % k != 0)
+    return ra_fail(RA_ERR_INVALID_ARGUMENT, "world_size=%lld does not divide the sequence length %lld", (long long)k, (long long)c->seq_len);
+  int64_t L = c->seq_len / k;
+  for (int i = 0; i < c->num_branches; i++) {
+    int64_t S = c->segment_lengths[i] < c->seq_len ? c->segment_lengths[i] : c->seq_len;
+    if (L % S != 0 && S % L != 0)
+      return ra_fail(RA_ERR_INVALID_ARGUMENT,
+                     "world_size=%lld: local length %lld and segment_lengths[%d]=%lld must divide one another",
+                     (long long)k, (long long)L, i, (long long)S);
+  }
+  return RA_OK;
+}
+
+/* Heads of branch i: groups mode splits heads into contiguous groups. */
+static void branch_heads(const ra_config *c, int i, int64_t *begin, int64_t *end) {
+  if (c->mode == RA_MODE_LONGNET) {
+    *begin = 0;
+    *end = c->num_heads;
+    return;
+  }
+  int64_t G = c->num_branches, base = c->num_heads / G, extra = c->num_heads % G;
+  *begin = i * base + (i < extra ? i : extra);
+  *end = *begin + base + (i < extra ? 1 : 0);
+}
+
+ra_status ra_plan_create(const ra_config *cfg, ra_plan **out) {
+  *out = NULL;
+  if (!cfg) return ra_fail(RA_ERR_INVALID_ARGUMENT, "config is NULL");
+  RA_TRY(check_shape(cfg));
+  RA_TRY(check_branches(cfg));
+  RA_TRY(check_ring(cfg));
+
+  ra_plan *p = calloc(1, sizeof *p);
+  if (!p) return ra_fail(RA_ERR_OUT_OF_MEMORY, "could not allocate a plan");
+  p->cfg = *cfg;
+  if (p->cfg.scale == 0.0) p->cfg.scale = 1.0 / sqrt((double)cfg->head_dim);
+  p->local_len = cfg->seq_len / cfg->world_size;
+  int64_t H = cfg->num_heads;
+  p->offset = malloc(sizeof(int64_t) * (size_t)cfg->num_branches * (size_t)H); /* H is bounded above */
+  if (!p->offset) {
+    free(p);
+    return ra_fail(RA_ERR_OUT_OF_MEMORY, "could not allocate a plan");
+  }
+  for (int i = 0; i < cfg->num_branches; i++) {
+    ra_branch_info *b = &p->branch[i];
+    b->segment = cfg->segment_lengths[i] < cfg->seq_len ? cfg->segment_lengths[i] : cfg->seq_len;
+    b->rate = cfg->dilation_rates[i];
+    b->span = p->local_len % b->segment == 0 ? 1 : b->segment / p->local_len;
+    branch_heads(cfg, i, &b->head_begin, &b->head_end);
+    int64_t per = (H + b->rate - 1) / b->rate; /* ceil(H / r): longnet's head-offset rule */
+    for (int64_t h = 0; h < H; h++) {
+      int64_t off = -1;
+      if (h >= b->head_begin && h < b->head_end)
+        off = cfg->mode == RA_MODE_GROUPS ? i % b->rate : h / per;
+      p->offset[i * H + h] = off;
+    }
+  }
+  *out = p;
+  return RA_OK;
+}
+
+void ra_plan_destroy(ra_plan *plan) {
+  if (!plan) return;
+  free(plan->offset);
+  free(plan);
+}
+
+const ra_config *ra_plan_config(const ra_plan *plan) { return &plan->cfg; }
+int64_t ra_plan_local_len(const ra_plan *plan) { return plan->local_len; }
+
+ra_status ra_plan_branch(const ra_plan *plan, int branch, ra_branch_info *info) {
+  if (branch < 0 || branch >= plan->cfg.num_branches)
+    return ra_fail(RA_ERR_INVALID_ARGUMENT, "branch %d out of range [0, %d)", branch, plan->cfg.num_branches);
+  *info = plan->branch[branch];
+  return RA_OK;
+}
+
+int64_t ra_plan_head_offset(const ra_plan *plan, int branch, int64_t head) {
+  if (branch < 0 || branch >= plan->cfg.num_branches || head < 0 || head >= plan->cfg.num_heads) return -1;
+  return plan->offset[branch * plan->cfg.num_heads + head];
+}

@@ -1,0 +1,88 @@
+/*
+ * settings.c -- the only place the environment is read.
+ *
+ * Execution settings are fields of a call (ra_exec); the environment only
+ * supplies their defaults, read once per process:
+ *   RINGATTN_NUM_THREADS    CPU threads of a call (a positive number)
+ *   RINGATTN_CUDA_KERNEL    "simt": the generic CUDA kernels only
+ *   RINGATTN_DETERMINISTIC  any value but "" and "0": bitwise reproducible
+ *                           CUDA backward
+ *   RINGATTN_NCCL_LIBRARY   the libnccl to load (a path)
+ */
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "internal.h"
+
+static struct {
+  int num_threads; /* <= 0: every core */
+  int simt;
+  int deterministic;
+  char nccl_library[4096];
+} env;
+
+static pthread_once_t env_once = PTHREAD_ONCE_INIT;
+
+static int flag(const char *value) { return value && value[0] && strcmp(value, "0") != 0; }
+
+static void read_env(void) {
+  const char *s = getenv("RINGATTN_NUM_THREADS");
+  env.num_threads = s ? atoi(s) : 0;
+  s = getenv("RINGATTN_CUDA_KERNEL");
+  env.simt = s && strcmp(s, "simt") == 0;
+  env.deterministic = flag(getenv("RINGATTN_DETERMINISTIC"));
+  s = getenv("RINGATTN_NCCL_LIBRARY");
+  if (s) {
+    strncpy(env.nccl_library, s, sizeof env.nccl_library - 1);
+    env.nccl_library[sizeof env.nccl_library - 1] = '\0';
+  }
+}
+
+static void load_env(void) { pthread_once(&env_once, read_env); }
+
+int ra_default_num_threads(void) {
+  load_env();
+  if (env.num_threads > 0) return env.num_threads;
+#ifdef _OPENMP
+  return omp_get_num_procs();
+#else
+  long n = sysconf(_SC_NPROCESSORS_ONLN);
+  return n > 0 ? (int)n : 1;
+#endif
+}
+
+const char *ra_env_nccl_library(void) {
+  load_env();
+  return env.nccl_library[0] ? env.nccl_library : NULL;
+}
+
+ra_exec ra_exec_default(void) {
+  load_env();
+  ra_exec e;
+  memset(&e, 0, sizeof e);
+  e.num_threads = 0; /* resolved per call: ra_default_num_threads() */
+  e.check_finite = 0;
+  e.kernel = env.simt ? RA_KERNEL_SIMT : RA_KERNEL_AUTO;
+  e.deterministic = env.deterministic;
+  e.device = -1;
+  e.stream = NULL;
+  return e;
+}
+
+void ra_fwd_params_init(ra_fwd_params *p) {
+  memset(p, 0, sizeof *p);
+  ra_config_init(&p->cfg);
+  p->device_type = RA_DEVICE_CPU;
+  p->exec = ra_exec_default();
+}
+
+void ra_bwd_params_init(ra_bwd_params *p) {
+  memset(p, 0, sizeof *p);
+  ra_fwd_params_init(&p->fwd);
+}
