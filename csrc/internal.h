@@ -46,11 +46,26 @@ ra_run ra_active_run(int64_t segment, int64_t rate, int64_t off,
 
 /* ------------------------------------------------------------------ sizes */
 
-/* *out <- a * b, or 0 when the product does not fit an int64_t (or either
- * factor is negative).  Every size product of the core goes through it. */
+/* Checked size arithmetic.  Every product or sum of sizes in the core, the
+ * driver and the extension goes through these, so that no size wraps even
+ * when a caller bypasses the plan's own limit (ra_plan_create refuses
+ * shapes whose bytes times 128 do not fit).  Each returns 1 and sets *out,
+ * or returns 0 (leaving *out alone) when the result does not fit an int64_t
+ * or an operand is negative. */
 int ra_mul_ok(int64_t a, int64_t b, int64_t *out);
 /* a * b * c * d with the same check. */
 int ra_mul4_ok(int64_t a, int64_t b, int64_t c, int64_t d, int64_t *out);
+/* a + b with the same check. */
+int ra_add_ok(int64_t a, int64_t b, int64_t *out);
+/* count * elem_bytes as a size_t: bytes that can be allocated or copied. */
+int ra_bytes_ok(int64_t count, size_t elem_bytes, size_t *out);
+
+/* One past the furthest element a (b, n, h, d) tensor reaches from its data
+ * pointer with its strides (all >= 0, the head dimension contiguous):
+ * (b-1) stride_b + (n-1) stride_n + (h-1) stride_h + d.  Every offset the
+ * core computes into the tensor is below it, so checking it once bounds
+ * them all.  0 when it does not fit an int64_t. */
+int ra_tensor_span_ok(const ra_tensor *t, int64_t b, int64_t n, int64_t h, int64_t d, int64_t *elems);
 
 /* Bytes of one element of a dtype. */
 size_t ra_dtype_size(ra_dtype dtype);
@@ -64,6 +79,13 @@ size_t ra_acc_size(ra_dtype dtype);
 
 /* RINGATTN_NCCL_LIBRARY, or NULL (settings.c reads the environment once). */
 const char *ra_env_nccl_library(void);
+
+/* The most CPU threads a call may use: 4 x the online cores.  Python's
+ * num_threads= and set_num_threads refuse more; the core clamps to it. */
+int ra_max_num_threads(void);
+/* The thread count a call runs with: `requested`, or the default when it
+ * is <= 0, clamped to ra_max_num_threads(). */
+int ra_resolve_num_threads(int requested);
 
 /* ----------------------------------------------------------------- memory */
 

@@ -151,7 +151,8 @@ typedef enum ra_kernel {
  * nowhere else): RINGATTN_NUM_THREADS, RINGATTN_CUDA_KERNEL=simt,
  * RINGATTN_DETERMINISTIC=1. */
 typedef struct ra_exec {
-  int num_threads;   /* CPU threads for the whole call; <= 0: the default    */
+  int num_threads;   /* CPU threads for the whole call; <= 0: the default;
+                      * at most 4 x the online cores are used (clamped)     */
   int check_finite;  /* refuse NaN/Inf inputs (RA_ERR_NONFINITE); CPU only   */
   ra_kernel kernel;
   int deterministic; /* CUDA backward: bitwise reproducible (no atomics)     */
@@ -164,7 +165,7 @@ typedef struct ra_exec {
 ra_exec ra_exec_default(void);
 
 /* Number of cores the CPU kernels use by default: RINGATTN_NUM_THREADS if
- * it is a positive number, else every online core. */
+ * it is a positive number, else every online core; at most 4 x the cores. */
 int ra_default_num_threads(void);
 
 /* A communicator: see below. */
@@ -217,8 +218,9 @@ ra_status ra_backward(const ra_bwd_params *p);
 
 /* A communicator joins this process to the other ranks of a real
  * distributed run: MPI between CPU processes, NCCL between GPUs.  Every
- * collective call (create, agree, forward, allgather, destroy) must be made
- * by all ranks in the same order. */
+ * collective call (create, agree, forward, backward, allgather, destroy)
+ * must be made by all ranks in the same order; forward, backward and
+ * allgather check it (ra_comm_agree_call). */
 typedef enum ra_comm_backend {
   RA_COMM_MPI = 1,
   RA_COMM_NCCL = 2
@@ -231,7 +233,9 @@ int ra_have_nccl(void);
 /* MPI: `mpi_comm` points to an MPI_Comm (NULL: MPI_COMM_WORLD).  MPI is
  * initialised (MPI_THREAD_SERIALIZED) if nobody has done it; the
  * communicator is duplicated so ringattn's messages never meet the
- * caller's. */
+ * caller's.  Its timeout starts at RA_COMM_DEFAULT_TIMEOUT; nothing of a
+ * call blocks inside MPI, and a rank that fails, closes the communicator
+ * or exits tells its peers (docs/design.md, "Failure model"). */
 ra_status ra_comm_create_mpi(const void *mpi_comm, ra_comm **comm);
 
 /* NCCL: all ranks pass the same 128-byte id (from ra_nccl_unique_id on one
@@ -255,18 +259,80 @@ ra_comm_backend ra_comm_kind(const ra_comm *comm);
 ra_device_type ra_comm_device_type(const ra_comm *comm);
 int ra_comm_device(const ra_comm *comm);
 
-/* Collective agreement before any ring traffic: each rank brings its local
- * status (with its message) and configuration (NULL if it has none); every
- * rank returns RA_OK only when all ranks are OK with equal configurations,
- * and otherwise the same failure naming the rank and the cause.  This is
- * how one rank's bad input becomes an error everywhere instead of a hang.
- * ra_forward / ra_backward run it themselves; a caller that refuses its
- * input before calling them runs it with its failure instead. */
+/* Seconds a rank waits for its peers before it gives up a call (the
+ * counterpart of torch.distributed's process-group timeout): every wait of
+ * a call -- the agreement, each ring step, the gather -- ends by then.
+ * A communicator starts with RA_COMM_DEFAULT_TIMEOUT; 0 or less waits
+ * forever.  The NCCL communicator stores it but does not enforce it yet. */
+#define RA_COMM_DEFAULT_TIMEOUT 600.0
+ra_status ra_comm_set_timeout(ra_comm *comm, double seconds);
+double ra_comm_timeout(const ra_comm *comm);
+
+/* What a collective call does.  Every rank's call number n must be the
+ * same operation; RA_OP_COLLECTIVE is any other step the caller
+ * synchronises through ra_comm_agree (e.g. sharing an NCCL id). */
+typedef enum ra_comm_op {
+  RA_OP_COLLECTIVE = 0,
+  RA_OP_FORWARD = 1,
+  RA_OP_BACKWARD = 2,
+  RA_OP_GATHER = 3
+} ra_comm_op;
+/* "forward", "backward", "gather" or "collective call". */
+const char *ra_comm_op_name(ra_comm_op op);
+
+/* Collective calls made on this communicator so far (each agreement is
+ * one; during a call, that call's number, counting from 1). */
+uint64_t ra_comm_calls(const ra_comm *comm);
+
+/* NULL while the communicator is usable.  Once a call failed in a way its
+ * peers cannot recover from together -- a timeout, a peer that failed
+ * inside the ring or exited, a failure inside this rank's ring -- it is
+ * broken: every later call fails at once with RA_ERR_TRANSPORT, and this
+ * returns why (naming the call and the original cause). */
+const char *ra_comm_broken(const ra_comm *comm);
+
+/* One rank's side of the agreement that starts every collective call. */
+typedef struct ra_agreement {
+  ra_comm_op op;
+  ra_status status;           /* this rank's local status ...            */
+  const char *message;        /* ... and its message (NULL: none)         */
+  const ra_config *cfg;       /* forward/backward: the configuration
+                               * (NULL when this rank has none, e.g. it
+                               * refuses its input)                      */
+  ra_device_type device_type; /* where the call's tensors live (with cfg) */
+  uint64_t bytes;             /* gather: bytes this rank contributes      */
+} ra_agreement;
+
+/* Collective agreement before any traffic of a call: each rank brings its
+ * operation, call number, local status (with its message) and, when it has
+ * them, configuration and device type (or, for a gather, its byte count);
+ * every rank returns RA_OK only when all ranks are OK and agree on all of
+ * it, and otherwise the same failure naming the rank and the cause:
+ * "call 3 on rank 0 but call 2 on rank 1", "operation differs between
+ * ranks: forward on rank 0 but backward on rank 1" (RA_ERR_TRANSPORT),
+ * "rank 1: <its message>" (rank 1's status), "configuration differs
+ * between ranks: ..." (RA_ERR_INVALID_ARGUMENT).  Within the communicator's
+ * timeout: a peer that does not arrive, or that failed or exited (see
+ * ra_comm_broken), ends it with RA_ERR_TRANSPORT naming that rank.
+ * ra_forward / ra_backward / ra_comm_allgather run it themselves; a caller
+ * that refuses its input before calling them runs it with its failure
+ * (and the operation it was about to run) instead. */
+ra_status ra_comm_agree_call(ra_comm *comm, const ra_agreement *agreement);
+
+/* ra_comm_agree_call for a step of the caller's own (RA_OP_COLLECTIVE). */
 ra_status ra_comm_agree(ra_comm *comm, ra_status local, const char *local_message,
                         const ra_config *cfg);
 
+/* The process is exiting: every live communicator tells its peers now, so
+ * that a peer waiting in a call this rank will never make fails at once
+ * ("rank 1 exited after 2 calls") instead of waiting for its timeout.  MPI
+ * communicators also do it when MPI is finalized, and a destroyed one says
+ * it was closed.  The Python package calls this from atexit. */
+void ra_comm_exiting(void);
+
 /* Gather `bytes` from every rank into recv (rank r's at recv + r*bytes);
- * host memory for MPI, device memory for NCCL. */
+ * host memory for MPI, device memory for NCCL.  A collective call
+ * (RA_OP_GATHER): the ranks first agree, also on `bytes`. */
 ra_status ra_comm_allgather(ra_comm *comm, const void *send, size_t bytes, void *recv);
 
 /* --------------------------------------------------------------------- merge */

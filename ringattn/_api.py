@@ -6,6 +6,8 @@ CPU, CUDA arrays (__cuda_array_interface__ / DLPack: torch, CuPy, ...) on
 their GPU, NumPy with device="cuda" on the GPU and back.
 """
 
+import threading
+
 import numpy as np
 
 from . import _arrays, _call, _ext
@@ -16,7 +18,8 @@ _threads = {"n": 0}  # 0: the core's default (RINGATTN_NUM_THREADS or all cores)
 
 
 def set_num_threads(n):
-    """Set how many threads the CPU kernels use (None restores the default)."""
+    """Set how many threads the CPU kernels use (None restores the default);
+    at most 4 x the cores (os.cpu_count()), ValueError beyond."""
     _threads["n"] = check.num_threads(n)
 
 
@@ -80,6 +83,13 @@ class RingDilatedAttention:
     shards.  After a call, last_stats maps "peak_bytes", "bytes_sent",
     "bytes_received", "steps" and "steps_skipped" to one int per rank (this
     rank's only, with comm=).
+
+    Threads: one instance may be called from several threads at once.  What
+    a call keeps is per thread: backward() differentiates the calling
+    thread's last call with requires_grad=True, and last_stats describes the
+    calling thread's last call (None in a thread that has made none).  Calls
+    with comm= are collective, made by every rank in the same order, so a
+    communicator is used by one thread at a time.
     """
 
     def __init__(self, segment_lengths, dilation_rates, *, causal=False, mode="groups", scale=None,
@@ -102,18 +112,40 @@ class RingDilatedAttention:
         self.comm = comm
         _arrays.parse_device(device)  # checked now, used by every call
         self.device = device
-        self.last_stats = None
-        self._saved = None
+        self._state = _CallState()  # per thread: last_stats and what backward() needs
 
     def __repr__(self):
         return (f"RingDilatedAttention(segment_lengths={self.segment_lengths}, "
                 f"dilation_rates={self.dilation_rates}, causal={self.causal}, mode={self.mode!r}, "
                 f"scale={self.scale}, world_size={self.world_size})")
 
+    # ------------------------------------------------ per-thread call state
+    @property
+    def last_stats(self):
+        """Statistics of the calling thread's last call (None before one)."""
+        return self._state.last_stats
+
+    @last_stats.setter
+    def last_stats(self, value):
+        self._state.last_stats = value
+
+    def __getstate__(self):  # copy/deepcopy/pickle: the configuration, not the calls
+        state = self.__dict__.copy()
+        del state["_state"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._state = _CallState()
+
     def plan(self, q_shape):
         """The schedule for inputs of shape (b, n, h, d): local length, and per
         branch its segment, rate, span (ranks per segment) and heads."""
-        b, n, h, d = (int(x) for x in q_shape)
+        shape = tuple(int(x) for x in q_shape)
+        if len(shape) != 4 or any(x < 1 for x in shape):
+            raise ValueError(f"q_shape must be 4 positive sizes (batch, seq, heads, head_dim), got {shape}")
+        check.addressable(shape, "q")
+        b, n, h, d = shape
         c = self._cfg
         return _ext.plan(b, n, h, d, c.segment_lengths, c.dilation_rates, c.causal, c.mode, c.scale, c.world_size)
 
@@ -121,30 +153,47 @@ class RingDilatedAttention:
         """Full-length q, k, v (in-process ranks), or with comm= this rank's
         shards (b, n/k, h, d); returns the output of the same length.  With
         requires_grad=True the call keeps what backward() needs: references
-        to q, k, v and the output, and the lse."""
-        self._saved = None
+        to q, k, v and the output, and the lse (for this thread's backward())."""
+        state = self._state
+        state.saved = None
         keep = return_lse or requires_grad
         result, stats = _call.forward(_with_threads(self._cfg), q, k, v, out=out, return_lse=keep,
-                                      device=self.device, comm=self.comm)
-        self.last_stats = _call.stats_by_key(stats)
+                                      device=self.device, comm=self.comm, in_place=not requires_grad)
+        state.last_stats = _call.stats_by_key(stats)
         if requires_grad:
-            self._saved = (q, k, v) + tuple(result)
+            state.saved = (q, k, v) + tuple(result)
         return result if return_lse or not keep else result[0]
 
     def backward(self, dout):
         """Gradients (dq, dk, dv) for the output gradient dout, after a call
         with requires_grad=True; the same lengths as that call's inputs (this
-        rank's shards with comm=).  last_stats then describes the backward."""
-        if self._saved is None:
-            error = RuntimeError("backward() needs a preceding call with requires_grad=True")
+        rank's shards with comm=).  last_stats then describes the backward.
+        It uses the calling thread's last call with requires_grad=True."""
+        state = self._state
+        if state.saved is None:
+            error = RuntimeError("backward() needs a preceding call with requires_grad=True in this thread")
             if self.comm is not None:  # the other ranks raise too instead of waiting
-                _call.refuse(self.comm, error)
+                _call.refuse(self.comm, error, "backward")
             raise error
-        q, k, v, o, lse = self._saved
+        return self._backward(state.saved, dout)
+
+    def _backward(self, saved, dout):
+        """backward() of a given forward, saved = (q, k, v, o, lse), from any
+        thread (ringattn.torch: autograd may run the backward on a thread of
+        its own)."""
+        q, k, v, o, lse = saved
         grads, stats = _call.backward(_with_threads(self._cfg), q, k, v, o, lse, dout, device=self.device,
                                       comm=self.comm)
-        self.last_stats = _call.stats_by_key(stats)
+        self._state.last_stats = _call.stats_by_key(stats)
         return grads
+
+
+class _CallState(threading.local):
+    """What a RingDilatedAttention keeps between calls, one per thread."""
+
+    def __init__(self):
+        self.last_stats = None
+        self.saved = None  # (q, k, v, o, lse) of the last call with requires_grad=True
 
 
 class _RawPointer:
@@ -250,13 +299,21 @@ def gather_sequence(shards, *, comm=None):
     """Concatenate per-rank shards along the sequence axis (axis 1).
 
     With comm=, `shards` is this rank's shard and every rank receives the
-    whole sequence (an allgather over the communicator)."""
+    whole sequence (an allgather over the communicator).  That is a
+    collective call: the ranks first agree on it (operation "gather" and the
+    byte count), and an exception on any rank before then raises on all."""
     if comm is not None:
-        local = np.ascontiguousarray(shards)
-        if local.ndim < 2:
-            raise ValueError(f"shards must have a sequence axis (axis 1), got shape {local.shape}")
-        recv = np.empty((comm.world_size,) + local.shape, dtype=local.dtype)
-        _ext.comm_allgather(comm.handle(), local.view(np.uint8).reshape(-1), recv.view(np.uint8).reshape(-1))
+        try:
+            local = np.ascontiguousarray(shards)
+            if local.ndim < 2:
+                raise ValueError(f"shards must have a sequence axis (axis 1), got shape {local.shape}")
+            recv = np.empty((comm.world_size,) + local.shape, dtype=local.dtype)
+            send_bytes, recv_bytes = local.view(np.uint8).reshape(-1), recv.view(np.uint8).reshape(-1)
+            handle = comm.handle()
+        except BaseException as e:  # any type: the other ranks must not wait for this one
+            _call.refuse(comm, e, "gather")
+            raise
+        _ext.comm_allgather(handle, send_bytes, recv_bytes)
         return np.concatenate(list(recv), axis=1)
     shards = list(shards)
     if not shards:

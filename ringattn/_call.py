@@ -7,16 +7,18 @@ through _Call.run:
 
 1. intake every argument (``_arrays.describe_all``: ``_ext.Tensor``s);
 2. decide where the call runs and apply every rule (``_validate``): the
-   tensor rules, then the plan's rules, then -- on the GPU -- the device;
+   tensor rules, outputs that overlap inputs, then the plan's rules, then --
+   on the GPU -- the device;
    NumPy layouts the core cannot read are copied once;
 3. copy host arrays to the GPU (device="cuda"), allocate the outputs
    (NumPy arrays or DeviceArrays), order the streams;
 4. ``_ext.run(...)``, which returns when the outputs are written;
 5. release every intake (also on failure) and convert the results.
 
-With a communicator, any exception raised on this rank before step 4 is
-reported to the other ranks through the agreement (``comm.refuse``) and
-re-raised, so they raise too instead of waiting for this one.  The GPU path
+With a communicator, any exception raised on this rank before step 4 (of
+any type, MemoryError included) is reported to the other ranks through the
+agreement of the call (``comm.refuse`` with the operation) and re-raised, so
+they raise too instead of waiting for this one.  The GPU path
 does not scan inputs for NaN/Inf (nan_policy is treated as "propagate").
 """
 
@@ -30,11 +32,13 @@ FORWARD_INPUTS = ("q", "k", "v")
 BACKWARD_INPUTS = ("q", "k", "v", "o", "lse", "dout")
 
 
-def forward(cfg, q, k, v, *, out=None, lse_out=None, return_lse=False, device=None, comm=None):
+def forward(cfg, q, k, v, *, out=None, lse_out=None, return_lse=False, device=None, comm=None, in_place=True):
     """(o, stats), or ((o, lse), stats) with return_lse; o is `out` when
-    given.  lse_out: a caller's buffer for the lse (raw pointers)."""
+    given.  lse_out: a caller's buffer for the lse (raw pointers).
+    in_place=False refuses out=q too (the inputs are kept for a backward)."""
     outputs = {name: x for name, x in (("out", out), ("lse", lse_out)) if x is not None}
     call = _Call(cfg, False, {"q": q, "k": k, "v": v}, outputs, device, comm)
+    call.in_place = in_place
     result, stats = call.run(return_lse=return_lse or lse_out is not None)
     return (result if return_lse else result[0]), stats
 
@@ -51,6 +55,8 @@ def stats_by_key(stats):
 
 
 class _Call:
+    in_place = True  # out=q allowed (forward(in_place=False): not)
+
     def __init__(self, cfg, is_backward, inputs, outputs, device, comm):
         self.cfg, self.backward, self.comm = cfg, is_backward, comm
         self.inputs, self.outputs, self.device = inputs, outputs, device
@@ -63,9 +69,9 @@ class _Call:
         try:
             try:
                 kwargs = self._prepare(return_lse)
-            except BaseException as e:
+            except BaseException as e:  # any type: MemoryError, KeyboardInterrupt, ... as well
                 if self.comm is not None:
-                    refuse(self.comm, e)
+                    refuse(self.comm, e, "backward" if self.backward else "forward")
                 raise
             stats = _ext.run(**kwargs)
         finally:
@@ -85,6 +91,7 @@ class _Call:
         where = check.placement(self.tensors, inputs, dev, backend)
         on = "cpu" if where == "cpu" else "cuda"
         copies = check.arguments(self.tensors, inputs, outputs, on, host_copied=(where == "host"))
+        check.no_overlap(self.tensors, inputs, outputs, self.in_place)  # the caller's arrays, before any copy
         requested = [("the requested device", dev[1] if dev is not None else None)]
         if backend == "nccl":
             requested.append(("the communicator's device", comm.device if comm.device >= 0 else None))
@@ -174,10 +181,11 @@ class _Call:
         return self.made[name]
 
 
-def refuse(comm, error):
-    """Take part in the agreement with this rank's failure, so that the other
-    ranks raise too; the original error is what this rank raises."""
+def refuse(comm, error, op):
+    """Take part in the agreement of the call `op` ("forward", "backward",
+    "gather") with this rank's failure, so that the other ranks raise too;
+    the original error is what this rank raises."""
     try:
-        comm.refuse(error)
+        comm.refuse(error, op)
     except Exception:  # noqa: BLE001 - e.g. a closed communicator: nothing more to tell
         pass

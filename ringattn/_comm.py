@@ -1,7 +1,25 @@
 """Communicators: one process per rank, over MPI (CPU) or NCCL (GPU)."""
 
+import atexit
+import math
+import numbers
+
 from . import _ext
 from . import _validate as check
+
+DEFAULT_TIMEOUT = 600.0  # seconds, as torch.distributed's process-group timeout
+
+
+def _timeout(value):
+    """A timeout in seconds: a positive number, or None / inf for none."""
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"timeout must be a number of seconds or None, got {type(value).__name__}")
+    value = float(value)
+    if math.isnan(value) or value <= 0:
+        raise ValueError(f"timeout must be a positive number of seconds (or None for none), got {value!r}")
+    return 0.0 if math.isinf(value) else value
 
 
 def _mpi_handle(comm):
@@ -24,7 +42,21 @@ class Communicator:
     Build one with Communicator.mpi() (CPU processes started by mpirun/srun),
     Communicator.nccl(unique_id, world_size, rank, device) or
     Communicator.nccl_from_mpi(device=...).  Creating and closing are
-    collective: every rank must do them, in the same order.
+    collective: every rank must do them, in the same order.  close() while
+    another thread of this process is inside a call on the communicator
+    raises RuntimeError (nothing is freed under a running call).
+
+    Every call on a communicator (a forward, a backward, gather_sequence)
+    is collective: the ranks first agree on the operation, the call number
+    and the configuration, and a mismatch, or an exception on any rank
+    before that point, raises on every rank.  No rank waits forever: each
+    wait of a call ends after `timeout` seconds (default 600, as
+    torch.distributed's process-group timeout) with a RingAttnError naming
+    the operation and the missing rank, and at once when a peer failed,
+    closed the communicator or exited.  After such a failure the
+    communicator is *broken* (`broken` says why): every later call raises
+    at once; create a new one.  See docs/design.md, "Failure model".
+    (NCCL communicators do not enforce the timeout yet.)
     """
 
     def __init__(self, handle):
@@ -32,13 +64,36 @@ class Communicator:
         self.rank, self.world_size, self.backend, self.device = _ext.comm_info(handle)
 
     @classmethod
-    def mpi(cls, comm=None):
+    def mpi(cls, comm=None, timeout=DEFAULT_TIMEOUT):
         """MPI_COMM_WORLD, or the given mpi4py communicator (duplicated).
-        MPI is initialised here if nobody has done it yet."""
+        MPI is initialised here if nobody has done it yet.  timeout: seconds
+        any wait of a call may last (None: forever)."""
         if not _ext.have()["mpi"]:
             raise RuntimeError("ringattn was built without MPI: install an MPI implementation "
                                "(e.g. `apt-get install libopenmpi-dev openmpi-bin`) and reinstall ringattn")
-        return cls(_ext.comm_mpi(_mpi_handle(comm)))
+        seconds = _timeout(timeout)
+        self = cls(_ext.comm_mpi(_mpi_handle(comm)))
+        _ext.comm_set_timeout(self._handle, seconds)
+        return self
+
+    @property
+    def timeout(self):
+        """Seconds any wait of a call may last (None: forever)."""
+        return _ext.comm_state(self.handle())["timeout"] or None
+
+    @timeout.setter
+    def timeout(self, value):
+        _ext.comm_set_timeout(self.handle(), _timeout(value))
+
+    @property
+    def calls(self):
+        """Collective calls made on this communicator so far."""
+        return _ext.comm_state(self.handle())["calls"]
+
+    @property
+    def broken(self):
+        """None while usable; else why the communicator cannot be used any more."""
+        return _ext.comm_state(self.handle())["broken"]
 
     @classmethod
     def nccl(cls, unique_id, world_size, rank, device):
@@ -61,7 +116,9 @@ class Communicator:
         return cls(_ext.comm_nccl_from_mpi(_mpi_handle(comm), device))
 
     def close(self):
-        """Release the communicator (collective)."""
+        """Release the communicator (collective).  While another thread is
+        inside a call on it, close() raises RuntimeError and leaves the
+        communicator as it was: close it once the call has returned."""
         if self._handle is not None:
             _ext.comm_close(self._handle)
             self._handle = None
@@ -81,12 +138,25 @@ class Communicator:
             raise ValueError("comm has been closed")
         return self._handle
 
-    def refuse(self, error):
-        """Take part in the agreement with a failure, so the other ranks
-        raise too instead of waiting (used when validation fails here)."""
-        _ext.comm_fail(self.handle(), str(error), 1 if isinstance(error, TypeError) else 0)
+    def refuse(self, error, op):
+        """Take part in the agreement of the call `op` ("forward", "backward"
+        or "gather") with this rank's exception (any type), so that the other
+        ranks raise too instead of waiting: a TypeError or ValueError as
+        such, anything else as a RingAttnError naming its type."""
+        if isinstance(error, TypeError):
+            kind = "type"
+        elif isinstance(error, ValueError):
+            kind = "value"
+        else:  # its public name: numpy's _ArrayMemoryError is a MemoryError
+            kind = next((c.__name__ for c in type(error).__mro__ if not c.__name__.startswith("_")), "error")
+        _ext.comm_fail(self.handle(), str(error), kind, op)
 
 
 def nccl_unique_id():
     """A fresh NCCL unique id (128 bytes) to share with every rank."""
     return _ext.nccl_unique_id()
+
+
+# At exit every live communicator tells its peers, so that a peer waiting in
+# a call this process will never make fails at once instead of at its timeout.
+atexit.register(_ext.comm_exiting)

@@ -11,6 +11,8 @@ alignment, writability), so nothing that passes here can crash it.
 
 import math
 import numbers
+import os
+import sys
 from typing import NamedTuple
 
 import numpy as np
@@ -92,8 +94,23 @@ def positive_int(value, name):
     return int(value)
 
 
+def max_threads():
+    """The most CPU threads a call may use: 4 x the cores (os.cpu_count()).
+    The core clamps to the same bound (csrc/core/settings.c)."""
+    return 4 * (os.cpu_count() or 1)
+
+
 def num_threads(value):
-    return 0 if value is None else positive_int(value, "num_threads")
+    """num_threads= and set_num_threads: None (the default) or 1 to
+    max_threads(); more would only oversubscribe the cores, and thousands of
+    threads can fail to start under a memory limit."""
+    if value is None:
+        return 0
+    n = positive_int(value, "num_threads")
+    if n > max_threads():
+        raise ValueError(f"num_threads must be at most {max_threads()} (4 x the {os.cpu_count() or 1} cores of "
+                         f"this machine), got {n}")
+    return n
 
 
 def nan_policy(value):
@@ -102,11 +119,31 @@ def nan_policy(value):
     return value == "raise"
 
 
+# The core's working sizes (accumulators, ring blocks with their dK/dV in
+# double, task lists) are at most 128 bytes per element of a (b, n, h, d)
+# tensor; csrc/core/plan.c refuses shapes for which that does not fit.
+BYTES_PER_ELEMENT_BOUND = 128
+MAX_ELEMENTS = min(2**63 - 1, sys.maxsize) // BYTES_PER_ELEMENT_BOUND
+
+
+def addressable(shape, name="q"):
+    """A (b, n, h, d) shape whose sizes this machine can address at all: its
+    elements times the core's 128-byte bound fit a signed 64-bit size (and
+    Py_ssize_t), the plan's own limit.  ValueError before anything is
+    allocated; shapes below the bound that do not fit in memory raise
+    MemoryError where they are allocated."""
+    elements = math.prod(int(x) for x in shape)
+    if elements > MAX_ELEMENTS:
+        raise ValueError(f"{name}: shape {tuple(shape)} holds {elements} elements, more than this machine can "
+                         f"address (at most {MAX_ELEMENTS})")
+
+
 def plan_rules(cfg, shape, ranks=1):
     """The core's plan rules for inputs of `shape` (this rank's shard when
     `ranks` processes hold one each): ValueError/TypeError naming the
     argument, before anything is allocated or a GPU is looked for."""
     b, n, h, d = shape
+    addressable((b, n * ranks, h, d))
     _ext.plan(b, n * ranks, h, d, cfg.segment_lengths, cfg.dilation_rates, cfg.causal, cfg.mode, cfg.scale,
               cfg.world_size)
 
@@ -203,6 +240,7 @@ def _shape(t):
         raise ValueError(f"{t.name} must have 4 dimensions (batch, seq, heads, head_dim), got shape {t.shape}")
     if 0 in t.shape:
         raise ValueError(f"{t.name} must not be empty, got shape {t.shape}")
+    addressable(t.shape, t.name)
 
 
 def like_q(t, q):
@@ -279,6 +317,94 @@ def arguments(tensors, inputs, outputs, on, host_copied=False):
         else:
             raise ValueError(problem)
     return copies
+
+
+# ----------------------------------------------------------------- aliasing
+
+# The exact test of np.shares_memory solves a small integer program; layouts
+# for which it gives up within this much work count as overlapping.
+_OVERLAP_WORK = 1 << 20
+_TOO_HARD = getattr(np, "exceptions", np).TooHardError
+
+
+class _Ghost:
+    """A Tensor's memory layout as a NumPy array that is never read: the
+    same address, shape and byte strides, with opaque elements of its
+    itemsize.  np.shares_memory only does arithmetic on those, so it serves
+    host and device arrays alike."""
+
+    def __init__(self, t):
+        self.__array_interface__ = {
+            "data": (t.ptr, False), "shape": tuple(t.shape), "typestr": f"|V{t.itemsize}",
+            "strides": tuple(s * t.itemsize for s in t.strides), "version": 3}
+
+
+def _ghost(t):
+    return np.asarray(_Ghost(t))
+
+
+def _same_memory_space(a, b):
+    """Could a and b address the same bytes? Host and device memory never do,
+    nor do two known, different CUDA devices."""
+    if a.kind != b.kind:
+        return False
+    return a.kind != "cuda" or a.device < 0 or b.device < 0 or a.device == b.device
+
+
+def _overlap(a, b):
+    if 0 in a.shape or 0 in b.shape or not _same_memory_space(a, b):
+        return False
+    try:
+        return bool(np.shares_memory(_ghost(a), _ghost(b), max_work=_OVERLAP_WORK))
+    except _TOO_HARD:
+        return True
+
+
+def _overlaps_itself(t):
+    """Do two elements of t share memory (a broadcast or otherwise
+    self-overlapping view)?  Axes of size > 1 sorted by stride must each step
+    past the whole extent of the ones before; anything else counts as
+    overlapping."""
+    axes = sorted((abs(s), n) for s, n in zip(t.strides, t.shape) if n > 1)
+    extent = 1  # elements spanned by the axes so far
+    for stride, size in axes:
+        if stride < extent:
+            return True
+        extent = stride * (size - 1) + extent
+    return False
+
+
+def _exactly(a, b):
+    return (a.kind == b.kind and a.device == b.device and a.ptr == b.ptr and a.dtype == b.dtype
+            and tuple(a.shape) == tuple(b.shape) and tuple(a.strides) == tuple(b.strides))
+
+
+def no_overlap(tensors, inputs, outputs, in_place=True):
+    """Outputs given by the caller must not share memory with an input, with
+    another output or with themselves: a ring writes a rank's rows while
+    other ranks still read theirs, so any partial overlap gives wrong
+    results.  The one exception is an output that is exactly the first input
+    (out=q: same address, shape, strides and dtype), which each rank reads
+    in full before writing it -- unless in_place is False (a call whose
+    inputs are kept for a backward).  tensors: name -> Tensor (host or
+    device: the pointer ranges come from ptr, shape and strides)."""
+    for i, name in enumerate(outputs):
+        t = tensors[name]
+        if _overlaps_itself(t):
+            raise ValueError(f"{name}: its elements overlap one another (strides {tuple(t.strides)} for shape "
+                             f"{tuple(t.shape)}, e.g. a broadcast view); pass a writable array with distinct elements")
+        for other in list(inputs) + list(outputs[:i]):
+            u = tensors[other]
+            if other == inputs[0] and _exactly(t, u):
+                if not in_place:
+                    raise ValueError(f"{name} is {other}, which backward() needs: an in-place call cannot be "
+                                     f"differentiated (pass another {name}=, or none)")
+                continue  # in place: out is q
+            if _overlap(t, u):
+                hint = (f" (only exactly {inputs[0]} may be passed as {name}, for an in-place call)"
+                        if other in inputs else "")
+                raise ValueError(f"{name} overlaps {other} in memory; {name} must not share memory with "
+                                 f"{'an input' if other in inputs else 'another output'}{hint}")
 
 
 def copy_for_core(t):

@@ -45,14 +45,16 @@ class _RingFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, ring):
         qn, kn, vn = (_arg(t, n) for t, n in ((q, "q"), (k, "k"), (v, "v")))
-        o, lse = ring(qn, kn, vn, requires_grad=True, return_lse=True)
-        ctx.ring = ring
+        o, lse = ring(qn, kn, vn, return_lse=True)
+        # what the backward needs lives on ctx, not in the ring's per-thread
+        # state: autograd runs CUDA backwards on threads of its own
+        ctx.ring, ctx.saved = ring, (qn, kn, vn, o, lse)
         return torch.from_dlpack(o)
 
     @staticmethod
     def backward(ctx, grad_out):
         g = _arg(grad_out, "grad_output")
-        dq, dk, dv = ctx.ring.backward(g)  # may run again with retain_graph=True
+        dq, dk, dv = ctx.ring._backward(ctx.saved, g)  # may run again with retain_graph=True
         return torch.from_dlpack(dq), torch.from_dlpack(dk), torch.from_dlpack(dv), None
 
 
@@ -61,7 +63,10 @@ class RingDilatedAttention(torch.nn.Module):
 
     Arguments are those of ringattn.RingDilatedAttention (world_size for
     in-process ranks, or comm= for one process per rank, in which case q, k,
-    v are this rank's shards).  last_stats is the ring's, per rank."""
+    v are this rank's shards).  last_stats is the ring's, per rank, of the
+    calling thread's last forward: like ringattn.RingDilatedAttention, one
+    module may run in several threads at once (each call keeps its own
+    saved tensors for the backward)."""
 
     def __init__(self, segment_lengths, dilation_rates, **kwargs):
         super().__init__()

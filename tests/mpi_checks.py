@@ -121,8 +121,26 @@ def main():
         # a plan rule broken on one rank only (a segment that divides no sequence length)
         attn = ringattn.RingDilatedAttention([48] if RANK == K - 1 else [64 * K], [1], comm=comm)
         expect_error_everywhere("plan", ValueError, lambda: attn(shard, shard, shard), "segment_lengths")
+        # backward() with nothing saved on rank 0 only (a RuntimeError there):
+        # rank 0 raises it, the others a RingAttnError (a RuntimeError) naming it
+        attn = ringattn.RingDilatedAttention([64 * K], [1], comm=comm)
+        attn(shard, shard, shard, requires_grad=RANK != 0)
+        expect_error_everywhere("backward unsaved", RuntimeError, lambda: attn.backward(shard), "backward() needs")
+        # every call is counted once, refusals and gathers included; none of
+        # the errors above broke the communicator
+        calls = comm.calls
+        ringattn.gather_sequence(shard, comm=comm)
+        expect_error_everywhere("dtype again", (TypeError, ValueError),
+                                lambda: attn(shard.astype(np.int32) if RANK == 0 else shard, shard, shard), "float")
+        assert comm.calls == calls + 2 and comm.broken is None, (comm.calls, calls, comm.broken)
         # the communicator still works afterwards
         check_case("after errors", 1, 64 * K, 2, 16, [64 * K], [1])
+    assert comm.timeout == 600.0, comm.timeout
+    comm.timeout = 30
+    assert comm.timeout == 30.0
+    comm.timeout = None
+    assert comm.timeout is None
+    comm.timeout = 600
 
 
 try:

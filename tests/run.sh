@@ -6,8 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 python -m pip --version >/dev/null
-for mod in pytest mesonbuild ninja; do
-  python -c "import $mod" 2>/dev/null || python -m pip install -q "${mod/mesonbuild/meson}"
+for mod in pytest mesonbuild ninja pytest_timeout; do
+  pkg=${mod/mesonbuild/meson}
+  python -c "import $mod" 2>/dev/null || python -m pip install -q "${pkg/_/-}"
 done
 
 builddir=${RINGATTN_TEST_BUILDDIR:-build-tests}

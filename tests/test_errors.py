@@ -4,7 +4,10 @@ import numpy as np
 import pytest
 
 import ringattn
-from conftest import make_qkv, run_with_timeout
+from conftest import RING_TIMEOUT, make_qkv, run_with_timeout
+
+# every call here may cross ranks: a deadlocked ring fails within RING_TIMEOUT
+pytestmark = pytest.mark.timeout(RING_TIMEOUT)
 
 
 def _qkv(b=1, n=64, h=4, d=16, dtype=np.float32):

@@ -14,8 +14,12 @@ import numpy as np
 import pytest
 
 import ringattn
-from conftest import make_qkv, ring_valid, spans
+from conftest import RING_TIMEOUT, make_qkv, ring_valid, spans
+from memory_model import peak_terms
 from reference import reference_attention, reference_backward
+
+# every call here may cross ranks: a deadlocked ring fails within RING_TIMEOUT
+pytestmark = pytest.mark.timeout(RING_TIMEOUT)
 
 F64 = np.float64
 
@@ -111,19 +115,26 @@ def test_strided_inputs_are_read_in_place():
     assert rel_err(o, ref) < 1e-12
 
 
-def test_memory_counts_double_accumulators():
-    # one rank: q, k, v, o and the lse (caller's) + the double accumulator and lse state
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_memory_counts_double_accumulators(world_size):
+    # per rank: q, k, v, o and the lse (caller's) + the double accumulator and lse
+    # state, and at 2 ranks two ring buffers of float64 keys and values;
+    # backward: 8 shards and the lse + dQ, dK, dV accumulators and delta, all
+    # double, and ring buffers carrying double dK/dV.  Exact: memory_model.py.
     b, n, h, d = 1, 256, 2, 32
     q, k, v = make_qkv(12, b, n, h, d, F64)
-    u, lse_bytes = b * n * h * d * 8, b * h * n * 8
-    ring = ringattn.RingDilatedAttention([n], [1], world_size=1, num_threads=1)
+    u, lse_bytes = b * (n // world_size) * h * d * 8, b * h * (n // world_size) * 8
+    ring = ringattn.RingDilatedAttention([n], [1], world_size=world_size, num_threads=world_size)
     ring(q, k, v, requires_grad=True)
-    peak = ring.last_stats["peak_bytes"][0]
-    assert 5 * u + 2 * lse_bytes <= peak <= 5 * u + 2 * lse_bytes + 8192, peak
-    # backward: 8 shards and the lse + dQ, dK, dV accumulators and delta, all double
+    fixed, buffers = peak_terms((b, n, h, d), F64, [n], [1], "groups", world_size, world_size, lse=True)
+    assert fixed["accumulator"] == u and fixed["lse state"] == lse_bytes  # double, not float
+    assert buffers == [0 if world_size == 1 else 2 * 2 * u] * world_size
+    assert ring.last_stats["peak_bytes"] == [sum(fixed.values()) + x for x in buffers], (fixed, buffers)
     ring.backward(q)
-    peak = ring.last_stats["peak_bytes"][0]
-    assert 11 * u + 2 * lse_bytes <= peak <= 11 * u + 2 * lse_bytes + 8192, peak
+    fixed, buffers = peak_terms((b, n, h, d), F64, [n], [1], "groups", world_size, world_size, backward=True)
+    assert fixed["dq, dk, dv accumulators"] == 3 * u and fixed["delta"] == lse_bytes
+    assert buffers == [0 if world_size == 1 else 2 * 2 * (u + u)] * world_size  # + double dK/dV
+    assert ring.last_stats["peak_bytes"] == [sum(fixed.values()) + x for x in buffers], (fixed, buffers)
 
 
 def test_lse_dtype_must_match_the_inputs():

@@ -13,12 +13,22 @@ which is still O(n / k).  The tests below check (i) exact 1/k scaling among
 k >= 2 (+-25%, the per-rank share times k is constant), (ii) that the ring's
 overhead over peak(1)/k is at most two key/value blocks (factor 2.25), and
 (iii) a lower bound: the caller's shards are counted.
+
+Those are the design's claims; the accounting itself is checked exactly:
+every rank's peak equals, to the byte, the sum of what it holds
+(memory_model.py derives each term from the code), for k = 1, 2, 4, local
+and spanning branches, forward (with and without lse) and backward.
 """
 
+import numpy as np
 import pytest
 
 import ringattn
-from conftest import make_qkv, run_with_timeout
+from conftest import RING_TIMEOUT, make_qkv, run_with_timeout
+from memory_model import backward_workspace_bytes, forward_workspace_bytes, peak_terms
+
+# every call here may cross ranks: a deadlocked ring fails within RING_TIMEOUT
+pytestmark = pytest.mark.timeout(RING_TIMEOUT)
 
 B, N, H, D = 1, 4096, 2, 64
 WORLD = [1, 2, 4, 8]
@@ -31,7 +41,7 @@ def _peaks(segs, rates, causal=False, mode="groups"):
     for ws in WORLD:
         attn = ringattn.RingDilatedAttention(segs, rates, causal=causal, mode=mode,
                                              world_size=ws, num_threads=1)
-        run_with_timeout(lambda: attn(q, k, v), timeout=120)
+        run_with_timeout(lambda: attn(q, k, v))
         stats = attn.last_stats
         assert len(stats["peak_bytes"]) == ws
         peaks[ws] = max(stats["peak_bytes"])
@@ -90,3 +100,71 @@ def test_local_branches_peak_is_exactly_sharded():
     # every branch local for k <= 8 (L >= 512): no key/value blocks travel, so the
     # per-rank share is q, k, v, o shards + workspace: within 25% of peak(1)/k
     _check(_peaks([256, 512], [1, 2], causal=True), spanning=False)
+
+
+# ------------------------------------------------------------- exact accounting
+
+# (b, n, h, d), segment_lengths, dilation_rates, mode; at k = 1 every branch is local
+EXACT_CONFIGS = [
+    # every branch local at k <= 4 (L >= 64): no ring buffers
+    pytest.param((2, 256, 3, 16), [32, 64], [1, 2], "groups", id="local"),
+    # one branch spanning all k ranks (a rate-2 block in longnet mode: all heads)
+    pytest.param((2, 256, 3, 24), [256], [2], "longnet", id="spanning"),
+    # 32 local; 128 local up to k = 4 (L = 128); 512 spans k ranks; heads split 2/2/1
+    pytest.param((1, 512, 5, 32), [32, 128, 512], [1, 2, 4], "groups", id="mixed"),
+    # r = 8 does not divide L = 60 at k = 4: the ranks' blocks differ in size, and
+    # the buffers are sized for the largest block of the sub-ring
+    pytest.param((1, 240, 4, 8), [60, 240], [4, 8], "longnet", id="uneven"),
+]
+
+
+def _assert_exact(attn, what, shape, dtype, segs, rates, mode, k, threads, **kw):
+    got = list(attn.last_stats["peak_bytes"])
+    fixed, ring = peak_terms(shape, dtype, segs, rates, mode, k, threads, **kw)
+    want = [sum(fixed.values()) + x for x in ring]
+    assert got == want, (
+        f"{what}: peak_bytes {got} != {want} (got - want: {[g - w for g, w in zip(got, want)]}); "
+        f"terms {fixed}, ring buffers per rank {ring}")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64], ids=["f32", "f16", "f64"])
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("shape,segs,rates,mode", EXACT_CONFIGS)
+def test_peak_is_exactly_what_each_rank_holds(shape, segs, rates, mode, k, dtype):
+    threads = k  # one per rank
+    q, k_, v = make_qkv(33, *shape, dtype)
+    attn = ringattn.RingDilatedAttention(segs, rates, causal=True, mode=mode, world_size=k,
+                                         num_threads=threads)
+    args = (shape, dtype, segs, rates, mode, k, threads)
+    run_with_timeout(lambda: attn(q, k_, v))
+    _assert_exact(attn, "forward", *args)
+    run_with_timeout(lambda: attn(q, k_, v, requires_grad=True))  # keeps the lse: counted
+    _assert_exact(attn, "forward with lse", *args, lse=True)
+    run_with_timeout(lambda: attn.backward(v))
+    _assert_exact(attn, "backward", *args, backward=True)
+    if k > 1 and max(segs) > shape[1] // k:
+        assert all(x > 0 for x in peak_terms(*args)[1])  # the ring buffers are in the figure
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64], ids=["f32", "f16", "f64"])
+def test_workspace_is_counted_per_thread(dtype):
+    """Each of a rank's threads has its kernel workspace (and backward scratch):
+    measured as the difference between two and one thread, and exact in a
+    2-rank ring with two threads per rank."""
+    shape, segs, rates, mode = (1, 128, 2, 40), [64, 128], [1, 2], "longnet"
+    q, k_, v = make_qkv(34, *shape, dtype)
+    peaks = {}
+    for threads in (1, 2):
+        attn = ringattn.RingDilatedAttention(segs, rates, mode=mode, num_threads=threads)
+        attn(q, k_, v, requires_grad=True)
+        fwd = attn.last_stats["peak_bytes"][0]
+        attn.backward(v)
+        peaks[threads] = (fwd, attn.last_stats["peak_bytes"][0])
+    ws, bws = forward_workspace_bytes(40, dtype), backward_workspace_bytes(40, dtype)
+    assert peaks[2][0] - peaks[1][0] == ws, (peaks, ws)
+    assert peaks[2][1] - peaks[1][1] == ws + bws, (peaks, ws, bws)
+    attn = ringattn.RingDilatedAttention(segs, rates, mode=mode, world_size=2, num_threads=4)
+    run_with_timeout(lambda: attn(q, k_, v, requires_grad=True))
+    _assert_exact(attn, "forward, 2 threads per rank", shape, dtype, segs, rates, mode, 2, 4, lse=True)
+    run_with_timeout(lambda: attn.backward(v))
+    _assert_exact(attn, "backward, 2 threads per rank", shape, dtype, segs, rates, mode, 2, 4, backward=True)

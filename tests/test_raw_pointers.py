@@ -33,7 +33,8 @@ def test_cuda_forward_ptr_argument_checks():
 
 @pytest.mark.skipif(HAVE_GPU, reason="checks the no-GPU behaviour")
 def test_cuda_forward_ptr_rules_then_gpu_check():
-    args = (BASE, BASE + 4096, BASE + 8192, BASE + 12288, (1, 64, 4, 16))
+    mib = 1 << 20  # apart by more than a tensor's 16 KiB: overlapping outputs are refused first
+    args = (BASE, BASE + mib, BASE + 2 * mib, BASE + 3 * mib, (1, 64, 4, 16))
     with pytest.raises(ValueError, match="segment"):
         ringattn.cuda_forward_ptr(*args, "float32", [48], [1])
     with pytest.raises(ValueError, match=w("k") + ".*contiguous"):
@@ -43,7 +44,7 @@ def test_cuda_forward_ptr_rules_then_gpu_check():
         ringattn.cuda_forward_ptr(BASE + 2, *args[1:], "float32", [64], [1])
     for dtype in ("float32", "float16", "bfloat16"):
         with pytest.raises(RuntimeError, match="CUDA"):
-            ringattn.cuda_forward_ptr(*args, dtype, [64], [1], lse_ptr=BASE + 16384, strides=(4096, 64, 16))
+            ringattn.cuda_forward_ptr(*args, dtype, [64], [1], lse_ptr=BASE + 4 * mib, strides=(4096, 64, 16))
 
 
 @pytest.mark.skipif(HAVE_GPU, reason="checks the no-GPU behaviour")

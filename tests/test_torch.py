@@ -13,6 +13,10 @@ import pytest
 torch = pytest.importorskip("torch")
 import ringattn.torch as rt  # noqa: E402
 from reference import multiplicity  # noqa: E402
+from conftest import RING_TIMEOUT  # noqa: E402
+
+# the layers run rings of 2 and 4 ranks: a deadlocked ring fails within RING_TIMEOUT
+pytestmark = pytest.mark.timeout(RING_TIMEOUT)
 
 
 def torch_reference(q, k, v, segs, rates, causal, mode):
@@ -96,8 +100,10 @@ def test_float16_gradients_keep_dtype_and_noncontiguous_inputs():
     want = grads_of(lambda a, b, c: torch_reference(a, b, c, [32], [1], True, "groups"),
                     q.detach().double(), k.detach().double(), v.detach().double(),
                     torch.ones(1, 32, 3, 16, dtype=torch.float64))
-    err = float((q.grad.double() - want[1]).abs().max()) / float(want[1].abs().max())
-    assert err < 2e-2
+    # float16 rounding of the gradients (2^-11 = 4.9e-4) and of o (through delta)
+    for name, x, ref in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad), want[1:]):
+        err = float((x.double() - ref).abs().max()) / float(ref.abs().max())
+        assert err < 2e-3, (name, err)
 
 
 def test_two_calls_in_one_graph_keep_their_own_state():

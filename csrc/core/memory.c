@@ -24,7 +24,7 @@ void *ra_alloc(ra_stats *stats, size_t bytes) {
   void *p = NULL;
   size_t rounded = (bytes + 63) / 64 * 64;
   if (rounded == 0) rounded = 64;
-  if (posix_memalign(&p, 64, rounded) != 0) {
+  if (bytes > (size_t)INT64_MAX - 63 || posix_memalign(&p, 64, rounded) != 0) { /* the rounding must not wrap */
     ra_fail(RA_ERR_OUT_OF_MEMORY, "could not allocate %zu bytes", bytes);
     return NULL;
   }

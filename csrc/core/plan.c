@@ -32,6 +32,30 @@ int ra_mul4_ok(int64_t a, int64_t b, int64_t c, int64_t d, int64_t *out) {
   return ra_mul_ok(a, b, &ab) && ra_mul_ok(ab, c, &abc) && ra_mul_ok(abc, d, out);
 }
 
+int ra_add_ok(int64_t a, int64_t b, int64_t *out) {
+  if (a < 0 || b < 0 || a > INT64_MAX - b) return 0;
+  *out = a + b;
+  return 1;
+}
+
+int ra_bytes_ok(int64_t count, size_t elem_bytes, size_t *out) {
+  int64_t bytes;
+  if (elem_bytes > (size_t)INT64_MAX || !ra_mul_ok(count, (int64_t)elem_bytes, &bytes) ||
+      (uint64_t)bytes > (uint64_t)SIZE_MAX)
+    return 0;
+  *out = (size_t)bytes;
+  return 1;
+}
+
+int ra_tensor_span_ok(const ra_tensor *t, int64_t b, int64_t n, int64_t h, int64_t d, int64_t *elems) {
+  int64_t ob, on, oh, s1, s2, s3;
+  if (b < 1 || n < 1 || h < 1 || d < 1) return 0;
+  if (!ra_mul_ok(b - 1, t->stride_b, &ob) || !ra_mul_ok(n - 1, t->stride_n, &on) ||
+      !ra_mul_ok(h - 1, t->stride_h, &oh))
+    return 0;
+  return ra_add_ok(ob, on, &s1) && ra_add_ok(s1, oh, &s2) && ra_add_ok(s2, d, &s3) && (*elems = s3, 1);
+}
+
 size_t ra_dtype_size(ra_dtype dtype) {
   switch (dtype) {
     case RA_FLOAT64: return 8;
@@ -134,8 +158,14 @@ ra_status ra_plan_create(const ra_config *cfg, ra_plan **out) {
   p->cfg = *cfg;
   if (p->cfg.scale == 0.0) p->cfg.scale = 1.0 / sqrt((double)cfg->head_dim);
   p->local_len = cfg->seq_len / cfg->world_size;
-  int64_t H = cfg->num_heads;
-  p->offset = malloc(sizeof(int64_t) * (size_t)cfg->num_branches * (size_t)H); /* H is bounded above */
+  int64_t H = cfg->num_heads, n_offsets;
+  size_t offset_bytes;
+  if (!ra_mul_ok(cfg->num_branches, H, &n_offsets) || !ra_bytes_ok(n_offsets, sizeof(int64_t), &offset_bytes)) {
+    free(p);
+    return ra_fail(RA_ERR_INVALID_ARGUMENT, "q: %lld heads are more than this machine can address",
+                   (long long)H);
+  }
+  p->offset = malloc(offset_bytes);
   if (!p->offset) {
     free(p);
     return ra_fail(RA_ERR_OUT_OF_MEMORY, "could not allocate a plan");

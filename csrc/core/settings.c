@@ -3,12 +3,14 @@
  *
  * Execution settings are fields of a call (ra_exec); the environment only
  * supplies their defaults, read once per process:
- *   RINGATTN_NUM_THREADS    CPU threads of a call (a positive number)
+ *   RINGATTN_NUM_THREADS    CPU threads of a call (a positive number; at most
+ *                           4 x the online cores are used)
  *   RINGATTN_CUDA_KERNEL    "simt": the generic CUDA kernels only
  *   RINGATTN_DETERMINISTIC  any value but "" and "0": bitwise reproducible
  *                           CUDA backward
  *   RINGATTN_NCCL_LIBRARY   the libnccl to load (a path)
  */
+#include <limits.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -46,15 +48,34 @@ static void read_env(void) {
 
 static void load_env(void) { pthread_once(&env_once, read_env); }
 
+/* Online cores, as Python's os.cpu_count() counts them. */
+static int online_cores(void) {
+  long n = sysconf(_SC_NPROCESSORS_ONLN);
+  return n > 0 ? (n < INT_MAX / 4 ? (int)n : INT_MAX / 4) : 1;
+}
+
+int ra_max_num_threads(void) { return 4 * online_cores(); }
+
+static int clamp_threads(int n) {
+  const int max = ra_max_num_threads();
+  return n > max ? max : n;
+}
+
 int ra_default_num_threads(void) {
   load_env();
-  if (env.num_threads > 0) return env.num_threads;
+  if (env.num_threads > 0) return clamp_threads(env.num_threads);
 #ifdef _OPENMP
-  return omp_get_num_procs();
+  return clamp_threads(omp_get_num_procs());
 #else
-  long n = sysconf(_SC_NPROCESSORS_ONLN);
-  return n > 0 ? (int)n : 1;
+  return online_cores();
 #endif
+}
+
+/* A call's thread count.  Clamped, so that num_threads=1000 from a caller
+ * that bypasses Python's rule cannot make libgomp fail to start its threads
+ * (under a memory limit it then ends the process). */
+int ra_resolve_num_threads(int requested) {
+  return requested > 0 ? clamp_threads(requested) : ra_default_num_threads();
 }
 
 const char *ra_env_nccl_library(void) {

@@ -205,10 +205,24 @@ static const ra_backend_ops cpu_f64_ops = {"cpu", cpu_alloc, cpu_free, ra_f64_in
                                            ra_f64_attend, cpu_store, cpu_sync, ra_f64_row_dot,
                                            ra_f64_attend_backward, ra_f64_scatter_add};
 
+/* The kernel workspaces take a few thousand bytes per column of the head
+ * dimension (ra_workspace_bytes and the backward's), more than the plan's
+ * 128 bytes per element of q: a head dim beyond this bound would make their
+ * sizes wrap, so it is refused.  (No attention has heads of 2^40 values.) */
+#define RA_CPU_MAX_HEAD_DIM ((int64_t)1 << 40)
+
+static ra_status check_head_dim(int64_t head_dim) {
+  if (head_dim < 1 || head_dim > RA_CPU_MAX_HEAD_DIM)
+    return ra_fail(RA_ERR_INVALID_ARGUMENT, "q: head dim %lld is more than the CPU kernels can address (at most %lld)",
+                   (long long)head_dim, (long long)RA_CPU_MAX_HEAD_DIM);
+  return RA_OK;
+}
+
 ra_status ra_cpu_backend_open(ra_cpu_backend *cpu, ra_dtype dtype, int threads, int64_t head_dim,
                               int backward, ra_stats *stats, ra_backend *out) {
   const int f64 = dtype == RA_FLOAT64;
   memset(cpu, 0, sizeof *cpu);
+  RA_TRY(check_head_dim(head_dim));
   cpu->threads = threads > 0 ? threads : 1;
   cpu->head_dim = head_dim;
   cpu->stats = stats;
@@ -250,7 +264,7 @@ void ra_cpu_backend_close(ra_cpu_backend *cpu) {
 static ra_status cpu_supports(const ra_call *call) {
   if (call->p.fwd.cfg.dtype == RA_BFLOAT16)
     return ra_fail(RA_ERR_UNSUPPORTED, "dtype: bfloat16 is supported by the CUDA backend only");
-  return RA_OK;
+  return check_head_dim(call->p.fwd.cfg.head_dim);
 }
 
 /* The core's only NaN/Inf scan: the inputs this process holds, before any

@@ -25,6 +25,12 @@
  * CUDA) computes, the transport (in-process, MPI, NCCL) moves.  It never
  * indexes the accumulators itself: their pointers are bases for the
  * backend, and any arithmetic on them here is in bytes of ra_acc_size.
+ *
+ * Sizes: every size it allocates or moves (accumulators, task lists, ring
+ * blocks, the bytes held) is computed with the checked helpers of
+ * internal.h once, in rank_sizes() and packed_layout(); the offsets of
+ * tasks and copies are below those totals, or below the tensor spans the
+ * entry point checked (ra_tensor_span_ok), so none of them can wrap.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -52,7 +58,9 @@ typedef struct rank_ctx {
   ra_attend_task *tasks; /* scratch for one step's task list          */
   ra_copy_task *copies;  /* scratch for one block's packing list       */
   int64_t *tables;       /* per-head layouts of two blocks (6 h)        */
-  size_t task_bytes, copy_bytes;
+  size_t task_bytes, copy_bytes, table_bytes;
+  int64_t n_acc, n_rows; /* elements of an accumulator, of an lse      */
+  size_t acc_bytes, row_bytes;
   int64_t held;          /* caller-owned bytes counted for this rank    */
 } rank_ctx;
 
@@ -157,21 +165,22 @@ static ra_status run_local_branch(rank_ctx *r, int branch, int64_t *tables, int 
 
 /* Layout of a packed block of a branch from the rank whose shard starts at
  * `start`: for each batch, for each head of the branch, its active keys;
- * then the same for values.  Returns the block's size in elements. */
+ * then the same for values.  Returns the block's size in elements, -1 if
+ * it does not fit an int64_t. */
 static int64_t packed_layout(const rank_ctx *r, int branch, int64_t start,
                              int64_t *at, int64_t *count, int64_t *pos0) {
   const ra_branch_info *bi = &r->plan->branch[branch];
   const int64_t H = r->cfg->num_heads, d = r->cfg->head_dim;
-  int64_t per_batch = 0;
+  int64_t per_batch = 0, rows, elems;
   for (int64_t h = bi->head_begin; h < bi->head_end; h++) {
     const int64_t hh = h - bi->head_begin;
     const ra_run run = ra_active_run(bi->segment, bi->rate, r->plan->offset[branch * H + h], start, r->L);
     at[hh] = per_batch;
     count[hh] = run.count;
     pos0[hh] = start + run.first;
-    per_batch += run.count * d;
+    if (!ra_mul_ok(run.count, d, &rows) || !ra_add_ok(per_batch, rows, &per_batch)) return -1;
   }
-  return 2 * r->cfg->batch * per_batch;
+  return ra_mul_ok(per_batch, r->cfg->batch, &elems) && ra_mul_ok(elems, 2, &elems) ? elems : -1;
 }
 
 /* The packed block as a key/value source.  In the backward a block carries
@@ -188,9 +197,12 @@ static kv_source packed_source(const rank_ctx *r, void *buf, int64_t elems,
   return src;
 }
 
-/* Bytes of a packed block of `elems` key+value elements (with dK/dV in the backward). */
+/* Bytes of a packed block of `elems` key+value elements (with dK/dV in the
+ * backward); 0 when they do not fit.  Every block of a sub-ring is at most
+ * the one alloc_ring_buffers sized, so only that call can see 0. */
 static int64_t block_bytes(const rank_ctx *r, int64_t elems, int backward) {
-  return elems * (int64_t)(ra_dtype_size(r->cfg->dtype) + (backward ? r->acc_es : 0));
+  size_t bytes;
+  return ra_bytes_ok(elems, ra_dtype_size(r->cfg->dtype) + (backward ? r->acc_es : 0), &bytes) ? (int64_t)bytes : 0;
 }
 
 /* Gather this rank's active keys and values of a branch into buf. */
@@ -222,24 +234,32 @@ static ra_status pack_block(rank_ctx *r, int branch, void *buf, int64_t elems,
 /* The two ring buffers of a spanning branch, each as large as the largest
  * block any rank of the sub-ring sends (keys and values, and dK/dV in the
  * backward).  `scratch` is room for three tables of the branch's heads.
- * Returns the bytes of one buffer, 0 when allocation failed. */
-static size_t alloc_ring_buffers(rank_ctx *r, int branch, int64_t group0, int backward,
-                                 int64_t *scratch, void *buf[2]) {
+ * *cap_bytes <- the bytes of one buffer. */
+static ra_status alloc_ring_buffers(rank_ctx *r, int branch, int64_t group0, int backward,
+                                    int64_t *scratch, void *buf[2], size_t *cap_bytes) {
   const ra_branch_info *bi = &r->plan->branch[branch];
   const int64_t hb = bi->head_end - bi->head_begin;
   int64_t cap = 0;
+  buf[0] = buf[1] = NULL;
   for (int64_t p = 0; p < bi->span; p++) {
     int64_t e = packed_layout(r, branch, (group0 + p) * r->L, scratch, scratch + hb, scratch + 2 * hb);
-    if (e > cap) cap = e;
+    if (e < 0) cap = -1;
+    if (cap >= 0 && e > cap) cap = e;
   }
-  const size_t bytes = (size_t)block_bytes(r, cap, backward);
+  const size_t bytes = cap < 0 ? 0 : (size_t)block_bytes(r, cap, backward);
+  if (cap < 0 || (cap > 0 && !bytes))
+    return ra_fail(RA_ERR_INVALID_ARGUMENT,
+                   "the ring blocks of segment_lengths[%d] are larger than this machine can address", branch);
   buf[0] = be_alloc(r, bytes);
   buf[1] = be_alloc(r, bytes);
-  if (buf[0] && buf[1]) return bytes;
+  if (buf[0] && buf[1]) {
+    *cap_bytes = bytes;
+    return RA_OK;
+  }
   be_free(r, buf[0], bytes);
   be_free(r, buf[1], bytes);
   buf[0] = buf[1] = NULL;
-  return 0;
+  return ra_fail(RA_ERR_OUT_OF_MEMORY, "could not allocate the ring buffers of rank %d", r->tr->rank);
 }
 
 /* Does sub-ring position p receive a block at step s (1 <= s < m)?  With
@@ -298,8 +318,7 @@ static ra_status walk_open(rank_ctx *r, int branch, int backward, int64_t *table
     w->count[i] = w->at[i] + hb;
     w->pos0[i] = w->at[i] + 2 * hb;
   }
-  w->cap_bytes = alloc_ring_buffers(r, branch, w->group0, backward, w->at[1], w->buf);
-  if (!w->cap_bytes) return RA_ERR_OUT_OF_MEMORY;
+  RA_TRY(alloc_ring_buffers(r, branch, w->group0, backward, w->at[1], w->buf, &w->cap_bytes));
   w->elems[0] = packed_layout(r, branch, r->start, w->at[0], w->count[0], w->pos0[0]);
   if (backward) {
     kv_source own = packed_source(r, w->buf[0], w->elems[0], w->at[0], w->count[0], w->pos0[0]);
@@ -378,11 +397,43 @@ static ra_status run_spanning_branch(rank_ctx *r, int branch, int64_t *tables) {
   return walk_close(r, &w, st);
 }
 
-/* What the forward and the backward of a rank share: the context, the
- * caller's `held` bytes counted, and the scratch for task lists (one step
- * has at most b * h * windows-per-shard tasks) and block layouts. */
+/* Every size a rank allocates or counts, checked once (internal.h):
+ * accumulator and lse elements and bytes, the task lists (one step has at
+ * most b * h * windows-per-shard tasks), the per-head tables, the largest
+ * ring block (2 b L h d elements with their dK/dV), and the caller's
+ * shards counted as held: q, k, v, o (and lse), or in the backward q, k,
+ * v, o, dout, dq, dk, dv and lse. */
+static ra_status rank_sizes(rank_ctx *r, int backward, int with_lse) {
+  const ra_config *c = r->cfg;
+  const int64_t es = (int64_t)ra_dtype_size(c->dtype), acc_es = (int64_t)r->acc_es;
+  int64_t max_windows = 1, n_tasks, n_copies, n_tables, shard, shards, lse, block;
+  for (int b = 0; b < c->num_branches; b++)
+    if (r->plan->branch[b].span == 1 && r->L / r->plan->branch[b].segment > max_windows)
+      max_windows = r->L / r->plan->branch[b].segment;
+  const int ok = ra_mul4_ok(c->batch, r->L, c->num_heads, c->head_dim, &r->n_acc) &&
+                 ra_mul4_ok(c->batch, c->num_heads, r->L, 1, &r->n_rows) &&
+                 ra_bytes_ok(r->n_acc, r->acc_es, &r->acc_bytes) && ra_bytes_ok(r->n_rows, r->acc_es, &r->row_bytes) &&
+                 ra_mul4_ok(c->batch, c->num_heads, max_windows, 1, &n_tasks) &&
+                 ra_bytes_ok(n_tasks, sizeof(ra_attend_task), &r->task_bytes) &&
+                 ra_mul_ok(c->batch, c->num_heads, &n_copies) &&
+                 ra_bytes_ok(n_copies, sizeof(ra_copy_task), &r->copy_bytes) &&
+                 ra_mul_ok(6, c->num_heads, &n_tables) && ra_bytes_ok(n_tables, sizeof(int64_t), &r->table_bytes) &&
+                 ra_mul4_ok(2, r->n_acc, es + (backward ? acc_es : 0), 1, &block) &&
+                 ra_mul4_ok(backward ? 8 : 4, r->n_acc, es, 1, &shards) &&
+                 ra_mul_ok(r->n_rows, with_lse ? acc_es : 0, &lse) && ra_add_ok(shards, lse, &shard);
+  if (!ok)
+    return ra_fail(RA_ERR_INVALID_ARGUMENT,
+                   "q: shape (%lld, %lld, %lld, %lld) needs more memory per rank than this machine can address",
+                   (long long)c->batch, (long long)c->seq_len, (long long)c->num_heads, (long long)c->head_dim);
+  r->held = shard;
+  return RA_OK;
+}
+
+/* What the forward and the backward of a rank share: the context, its
+ * sizes, the caller's shards counted as held, and the scratch for task
+ * lists and block layouts. */
 static ra_status rank_open(rank_ctx *r, const ra_call *call, const ra_transport *tr, const ra_backend *be,
-                           int64_t held) {
+                           int with_lse) {
   const ra_plan *plan = call->plan;
   const ra_config *c = &plan->cfg;
   memset(r, 0, sizeof *r);
@@ -398,15 +449,9 @@ static ra_status rank_open(rank_ctx *r, const ra_call *call, const ra_transport 
   r->L = r->lse_ld = plan->local_len;
   r->start = (int64_t)tr->rank * r->L;
   r->acc_es = ra_acc_size(c->dtype);
-  int64_t max_windows = 1;
-  for (int b = 0; b < c->num_branches; b++)
-    if (plan->branch[b].span == 1 && r->L / plan->branch[b].segment > max_windows)
-      max_windows = r->L / plan->branch[b].segment;
-  r->task_bytes = (size_t)(c->batch * c->num_heads * max_windows) * sizeof(ra_attend_task);
-  r->copy_bytes = (size_t)(c->batch * c->num_heads) * sizeof(ra_copy_task);
-  r->held = held;
-  ra_hold(r->stats, held);
-  r->tables = malloc(sizeof(int64_t) * 6 * (size_t)c->num_heads); /* O(h), not counted */
+  RA_TRY(rank_sizes(r, call->backward, with_lse)); /* held stays 0 on failure */
+  ra_hold(r->stats, r->held);
+  r->tables = malloc(r->table_bytes); /* O(h), not counted */
   r->tasks = ra_alloc(r->stats, r->task_bytes);
   r->copies = ra_alloc(r->stats, r->copy_bytes);
   if (!r->tables || !r->tasks || !r->copies)
@@ -480,13 +525,10 @@ static ra_status ring_backward(const ra_call *call, const ra_transport *tr, cons
   if (!be->ops->attend_backward || !be->ops->row_dot || !be->ops->scatter_add)
     return ra_fail(RA_ERR_UNSUPPORTED, "the %s backend has no backward", be->ops->name);
   const ra_config *c = &plan->cfg;
-  const int64_t L = plan->local_len, H = c->num_heads, d = c->head_dim, es = (int64_t)ra_dtype_size(c->dtype);
-  const int64_t acc_es = (int64_t)ra_acc_size(c->dtype);
-  const size_t acc_bytes = (size_t)(c->batch * L * H * d * acc_es);
-  const size_t delta_bytes = (size_t)(c->batch * H * L * acc_es);
+  const int64_t L = plan->local_len;
   rank_ctx r;
-  /* held: the 8 shards q, k, v, o, dout, dq, dk, dv and the lse */
-  ra_status st = rank_open(&r, call, tr, be, 8 * c->batch * L * H * d * es + c->batch * H * L * acc_es);
+  ra_status st = rank_open(&r, call, tr, be, 1);
+  const size_t acc_bytes = r.acc_bytes, delta_bytes = r.row_bytes; /* 0 when rank_open failed */
   r.dout = p->dout;
   r.lse = p->fwd.lse; /* read only in the backward; an opaque base (doubles for float64) */
   r.lse_ld = p->fwd.lse_ld;
@@ -499,7 +541,7 @@ static ra_status ring_backward(const ra_call *call, const ra_transport *tr, cons
     if (!r.acc || !r.dk || !r.dv || !delta)
       st = ra_fail(RA_ERR_OUT_OF_MEMORY, "could not allocate the gradient accumulators of rank %d", tr->rank);
   }
-  const int64_t n_acc = c->batch * L * H * d;
+  const int64_t n_acc = r.n_acc;
   if (st == RA_OK && (st = be->ops->init_state(be->ctx, r.acc, n_acc, NULL, 0)) == RA_OK &&
       (st = be->ops->init_state(be->ctx, r.dk, n_acc, NULL, 0)) == RA_OK &&
       (st = be->ops->init_state(be->ctx, r.dv, n_acc, NULL, 0)) == RA_OK)
@@ -524,19 +566,16 @@ static ra_status ring_forward(const ra_call *call, const ra_transport *tr, const
   const ra_fwd_params *p = &call->p.fwd;
   const ra_plan *plan = call->plan;
   const ra_config *c = &plan->cfg;
-  const int64_t L = plan->local_len, H = c->num_heads, d = c->head_dim, es = (int64_t)ra_dtype_size(c->dtype);
-  const int64_t acc_es = (int64_t)ra_acc_size(c->dtype);
-  const size_t acc_bytes = (size_t)(c->batch * L * H * d * acc_es);
-  const size_t lse_bytes = (size_t)(c->batch * H * L * acc_es);
+  const int64_t L = plan->local_len;
   rank_ctx r;
-  /* held: the caller's shards of q, k, v, o (and lse) */
-  ra_status st = rank_open(&r, call, tr, be, 4 * c->batch * L * H * d * es + (p->lse ? c->batch * H * L * acc_es : 0));
+  ra_status st = rank_open(&r, call, tr, be, p->lse != NULL);
+  const size_t acc_bytes = r.acc_bytes, lse_bytes = r.row_bytes; /* 0 when rank_open failed */
   if (st == RA_OK) {
     r.acc = be_alloc(&r, acc_bytes);
     r.lse = be_alloc(&r, lse_bytes);
     if (!r.acc || !r.lse) st = ra_fail(RA_ERR_OUT_OF_MEMORY, "could not allocate the accumulators of rank %d", tr->rank);
   }
-  if (st == RA_OK) st = be->ops->init_state(be->ctx, r.acc, c->batch * L * H * d, r.lse, c->batch * H * L);
+  if (st == RA_OK) st = be->ops->init_state(be->ctx, r.acc, r.n_acc, r.lse, r.n_rows);
   for (int b = 0; b < c->num_branches && st == RA_OK; b++)
     st = plan->branch[b].span == 1 ? run_local_branch(&r, b, r.tables, 0) : run_spanning_branch(&r, b, r.tables);
   if (st == RA_OK) st = be->ops->store(be->ctx, c, L, r.acc, r.lse, p->o, p->lse, p->lse_ld);

@@ -20,11 +20,42 @@ static const ra_backend_iface *choose_backend(ra_device_type type) {
 
 static const char *device_name(ra_device_type type) { return type == RA_DEVICE_CUDA ? "CUDA" : "CPU"; }
 
-/* A tensor the C side must be able to index: data set, strides >= 0. */
-static ra_status check_tensor(ra_tensor t, const char *name) {
+/* `elems` elements of `es` bytes from `data` fit the address space: every
+ * offset the core computes below them is then free of overflow. */
+static int reach_ok(const void *data, int64_t elems, size_t es) {
+  size_t bytes;
+  return ra_bytes_ok(elems, es, &bytes) && (uintptr_t)data <= UINTPTR_MAX - bytes;
+}
+
+/* A tensor the C side must be able to index: data set, strides >= 0, and
+ * every element of the call's shape (`rows` positions) within reach. */
+static ra_status check_tensor(const ra_call *call, ra_tensor t, const char *name) {
+  const ra_config *c = &call->plan->cfg;
   if (!t.data) return ra_fail(RA_ERR_INVALID_ARGUMENT, "%s: data is NULL", name);
   if (t.stride_b < 0 || t.stride_n < 0 || t.stride_h < 0)
     return ra_fail(RA_ERR_INVALID_ARGUMENT, "%s: strides must be non-negative", name);
+  int64_t span;
+  if (!ra_tensor_span_ok(&t, c->batch, call->rows, c->num_heads, c->head_dim, &span) ||
+      !reach_ok(t.data, span, ra_dtype_size(c->dtype)))
+    return ra_fail(RA_ERR_INVALID_ARGUMENT,
+                   "%s: strides (%lld, %lld, %lld) reach beyond the address space for shape (%lld, %lld, %lld, %lld)",
+                   name, (long long)t.stride_b, (long long)t.stride_n, (long long)t.stride_h, (long long)c->batch,
+                   (long long)call->rows, (long long)c->num_heads, (long long)c->head_dim);
+  return RA_OK;
+}
+
+/* lse: (batch, heads) rows of `rows` values, lse_ld apart, within reach. */
+static ra_status check_lse(const ra_call *call) {
+  const ra_fwd_params *f = &call->p.fwd;
+  const ra_config *c = &call->plan->cfg;
+  if (f->lse_ld < call->rows)
+    return ra_fail(RA_ERR_INVALID_ARGUMENT, "lse: row stride %lld below the %lld rows of the call",
+                   (long long)f->lse_ld, (long long)call->rows);
+  int64_t lines, before, span;
+  if (!ra_mul_ok(c->batch, c->num_heads, &lines) || !ra_mul_ok(lines - 1, f->lse_ld, &before) ||
+      !ra_add_ok(before, call->rows, &span) || !reach_ok(f->lse, span, ra_acc_size(c->dtype)))
+    return ra_fail(RA_ERR_INVALID_ARGUMENT, "lse: row stride %lld reaches beyond the address space",
+                   (long long)f->lse_ld);
   return RA_OK;
 }
 
@@ -33,20 +64,18 @@ static ra_status check_call(const ra_call *call) {
   const ra_fwd_params *f = &call->p.fwd;
   if (f->device_type != RA_DEVICE_CPU && f->device_type != RA_DEVICE_CUDA)
     return ra_fail(RA_ERR_INVALID_ARGUMENT, "device_type: unknown device type %d", (int)f->device_type);
-  RA_TRY(check_tensor(f->q, "q"));
-  RA_TRY(check_tensor(f->k, "k"));
-  RA_TRY(check_tensor(f->v, "v"));
-  RA_TRY(check_tensor(f->o, "out"));
+  RA_TRY(check_tensor(call, f->q, "q"));
+  RA_TRY(check_tensor(call, f->k, "k"));
+  RA_TRY(check_tensor(call, f->v, "v"));
+  RA_TRY(check_tensor(call, f->o, "out"));
   if (call->backward) {
-    RA_TRY(check_tensor(call->p.dout, "dout"));
-    RA_TRY(check_tensor(call->p.dq, "dq"));
-    RA_TRY(check_tensor(call->p.dk, "dk"));
-    RA_TRY(check_tensor(call->p.dv, "dv"));
+    RA_TRY(check_tensor(call, call->p.dout, "dout"));
+    RA_TRY(check_tensor(call, call->p.dq, "dq"));
+    RA_TRY(check_tensor(call, call->p.dk, "dk"));
+    RA_TRY(check_tensor(call, call->p.dv, "dv"));
     if (!f->lse) return ra_fail(RA_ERR_INVALID_ARGUMENT, "lse: the backward needs the forward's lse");
   }
-  if (f->lse && f->lse_ld < call->rows)
-    return ra_fail(RA_ERR_INVALID_ARGUMENT, "lse: row stride %lld below the %lld rows of the call",
-                   (long long)f->lse_ld, (long long)call->rows);
+  if (f->lse) RA_TRY(check_lse(call));
   if (f->comm && f->comm->device_type != f->device_type)
     return ra_fail(RA_ERR_UNSUPPORTED, "the %s communicator computes on the %s but the tensors are %s memory",
                    f->comm->kind == RA_COMM_MPI ? "MPI" : "NCCL", device_name(f->comm->device_type),
@@ -71,34 +100,39 @@ static ra_status prepare(ra_call *call, const ra_backend_iface *iface, ra_plan *
   return iface->check_inputs ? iface->check_inputs(call) : RA_OK;
 }
 
-/* This rank of a communicator: agree with the peers (a rank whose
- * preparation failed brings its failure, so that every rank raises it),
- * then run. */
+/* This rank of a communicator: agree with the peers on the operation, the
+ * call number and the configuration (a rank whose preparation failed brings
+ * its failure, so that every rank raises it), then run. */
 static ra_status run_comm(ra_call *call, const ra_backend_iface *iface, ra_status local) {
   ra_comm *comm = call->p.fwd.comm;
   char message[256];
   snprintf(message, sizeof message, "%s", local == RA_OK ? "" : ra_last_error());
-  RA_TRY(ra_comm_agree(comm, local, message, local == RA_OK ? &call->p.fwd.cfg : NULL));
+  const ra_agreement agreement = {call->backward ? RA_OP_BACKWARD : RA_OP_FORWARD, local, message,
+                                  local == RA_OK ? &call->p.fwd.cfg : NULL, call->p.fwd.device_type, 0};
+  RA_TRY(ra_comm_agree_call(comm, &agreement));
   call->rank = comm->rank;
   void *shared = NULL;
   ra_status st = iface->call_open ? iface->call_open(call, &shared) : RA_OK;
   if (st == RA_OK) {
     st = ra_run_rank(iface, shared, call, &comm->transport);
     if (iface->call_close) iface->call_close(shared);
-  } else if (comm->transport.ops->abort) {
-    comm->transport.ops->abort(comm->transport.ctx);
   }
+  /* A failure after the agreement: no peer may wait for this rank, and the
+   * ring's messages are out of step, so the communicator is broken. */
+  if (st != RA_OK) ra_comm_give_up(comm, st, ra_last_error());
   return st;
 }
 
 static ra_status run(ra_call *call) {
   ra_fwd_params *f = &call->p.fwd;
-  if (f->exec.num_threads <= 0) f->exec.num_threads = ra_default_num_threads();
+  f->exec.num_threads = ra_resolve_num_threads(f->exec.num_threads); /* the default, at most 4 x the cores */
   if (f->comm && f->comm->device_type == RA_DEVICE_CUDA && f->exec.device < 0) f->exec.device = f->comm->device;
   const int ranks = f->comm ? 1 : (f->cfg.world_size > 0 ? f->cfg.world_size : 1);
   ra_stats *own = NULL;
-  if (!f->stats && !(f->stats = own = calloc((size_t)ranks, sizeof *own)))
-    return ra_fail(RA_ERR_OUT_OF_MEMORY, "could not allocate the statistics of %d ranks", ranks);
+  if (!f->stats && !(f->stats = own = calloc((size_t)ranks, sizeof *own))) {
+    const ra_status st = ra_fail(RA_ERR_OUT_OF_MEMORY, "could not allocate the statistics of %d ranks", ranks);
+    return f->comm ? run_comm(call, choose_backend(f->device_type), st) : st; /* the peers must hear of it */
+  }
   memset(f->stats, 0, sizeof *f->stats * (size_t)ranks);
   const ra_backend_iface *iface = choose_backend(f->device_type);
   ra_plan *plan = NULL;

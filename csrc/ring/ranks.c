@@ -15,9 +15,38 @@
 
 /* ------------------------------------------------------------ rank views */
 
+/* Bytes from a tensor's data to position `first` (checked, internal.h). */
+static int shard_bytes(const ra_tensor *t, int64_t first, size_t es, size_t *bytes) {
+  int64_t elems;
+  return ra_mul_ok(first, t->stride_n, &elems) && ra_bytes_ok(elems, es, bytes);
+}
+
+/* The tensor from position `first` on.  check_views has made sure that the
+ * offset fits; should it not, the view has no data and the driver refuses it. */
 static ra_tensor shard(ra_tensor t, int64_t first, size_t es) {
-  if (t.data) t.data = (char *)t.data + (size_t)(first * t.stride_n) * es;
+  size_t bytes;
+  if (t.data) t.data = shard_bytes(&t, first, es, &bytes) ? (char *)t.data + bytes : NULL;
   return t;
+}
+
+/* Every rank's view is addressable: offsets grow with the rank (strides
+ * are non-negative), so checking the last rank's covers them all. */
+static ra_status check_views(const ra_call *call) {
+  const ra_config *c = &call->plan->cfg;
+  const size_t es = ra_dtype_size(c->dtype);
+  int64_t first;
+  size_t bytes;
+  if (!ra_mul_ok(c->world_size - 1, call->plan->local_len, &first))
+    return ra_fail(RA_ERR_INVALID_ARGUMENT, "world_size=%d: the shard offsets do not fit", c->world_size);
+  const ra_tensor *t[8] = {&call->p.fwd.q, &call->p.fwd.k, &call->p.fwd.v, &call->p.fwd.o,
+                           &call->p.dout,  &call->p.dq,    &call->p.dk,    &call->p.dv};
+  static const char *const names[8] = {"q", "k", "v", "out", "dout", "dq", "dk", "dv"};
+  for (int i = 0; i < 8; i++)
+    if (t[i]->data && !shard_bytes(t[i], first, es, &bytes))
+      return ra_fail(RA_ERR_INVALID_ARGUMENT, "%s: the offset of the last rank's shard does not fit", names[i]);
+  if (call->p.fwd.lse && !ra_bytes_ok(first, ra_acc_size(c->dtype), &bytes))
+    return ra_fail(RA_ERR_INVALID_ARGUMENT, "lse: the offset of the last rank's shard does not fit");
+  return RA_OK;
 }
 
 ra_call ra_rank_view(const ra_call *call, int rank) {
@@ -36,7 +65,8 @@ ra_call ra_rank_view(const ra_call *call, int rank) {
   v.p.dq = shard(v.p.dq, first, es);
   v.p.dk = shard(v.p.dk, first, es);
   v.p.dv = shard(v.p.dv, first, es);
-  if (f->lse) f->lse = (char *)f->lse + (size_t)first * ra_acc_size(c->dtype);
+  size_t lse_bytes = 0;
+  if (f->lse) f->lse = ra_bytes_ok(first, ra_acc_size(c->dtype), &lse_bytes) ? (char *)f->lse + lse_bytes : NULL;
   f->stats = call->p.fwd.stats + rank;
   /* the ranks share the call's threads */
   const int ranks = c->world_size;
@@ -107,6 +137,7 @@ static ra_status run_threads(rank_thread *t, int ranks) {
 ra_status ra_run_ranks(const ra_call *call, const ra_backend_iface *iface) {
   const int ranks = call->plan->cfg.world_size;
   void *shared = NULL;
+  RA_TRY(check_views(call));
   RA_TRY(iface->call_open ? iface->call_open(call, &shared) : RA_OK);
   ra_inproc_world *world = NULL;
   rank_thread *t = NULL;

@@ -59,19 +59,63 @@ void ra_inproc_world_set_copy(ra_inproc_world *world, ra_copy_fn copy, void *ctx
 
 /* ------------------------------------------------------------ communicators */
 
-/* What every communicator provides; mpi.c and nccl.c fill it. */
+/* What every communicator provides; mpi.c and nccl.c fill it.  A
+ * transport that leaves a hook NULL or a field zero keeps the plain
+ * behaviour: no give_up notices, timeout 0 (wait forever). */
 struct ra_comm {
   ra_comm_backend kind;
   int rank, size;
   ra_device_type device_type; /* where the transport's buffers live       */
   int device;                 /* CUDA ordinal for NCCL, -1 for MPI        */
   ra_transport transport;
-  /* allgather of host memory (the agreement uses it on every backend) */
+  /* allgather of host memory: the agreement's exchange.  A transport that
+   * implements the failure model (mpi.c) bounds it by `timeout`, ends it
+   * early when a peer gave up, and gives up the call itself on failure. */
   ra_status (*allgather_host)(ra_comm *comm, const void *send, size_t bytes, void *recv);
   /* allgather of the transport's own memory (device memory for NCCL) */
   ra_status (*allgather)(ra_comm *comm, const void *send, size_t bytes, void *recv);
+  /* This rank gives up the current call: tell every peer (so that no one
+   * waits for it) after settling what it was receiving.  Run once per
+   * call, through ra_comm_give_up; NULL: the transport cannot tell. */
+  void (*give_up)(ra_comm *comm, ra_status status, const char *why);
   void (*destroy)(ra_comm *comm);
   void *impl;
+
+  /* The failure model (comm.c, agree.c), the same for every transport. */
+  uint64_t id;         /* the same on every rank, new per communicator (0: none) */
+  double timeout;      /* seconds each wait of a call may last; <= 0: forever */
+  uint64_t calls;      /* collective calls entered; during one, its number     */
+  ra_comm_op op;       /* the current (or last) call's operation              */
+  uint64_t gave_up;    /* the call this rank gave up (0: none)                */
+  ra_status broken;    /* RA_OK while usable                                   */
+  char broken_why[640];
 };
+
+/* The call's name in messages: "forward (call 3)". */
+void ra_comm_call_name(const ra_comm *comm, char *out, size_t size);
+
+/* `why` without a leading "forward (call 3)" (and ": "), to name the call once. */
+const char *ra_comm_strip_call(const ra_comm *comm, const char *why);
+
+/* Mark the communicator broken (the first cause wins):
+ * "forward (call 3) failed: <why>".  Every later call fails at once. */
+void ra_comm_break(ra_comm *comm, ra_status status, const char *why);
+
+/* This rank gives up the current call after it began: break the
+ * communicator and tell the peers (comm->give_up), once per call.  `why` may
+ * be ra_last_error(); the last error is left as it was. */
+void ra_comm_give_up(ra_comm *comm, ra_status status, const char *why);
+
+/* RA_OK, or the failure of a broken communicator (RA_ERR_TRANSPORT). */
+ra_status ra_comm_check_usable(const ra_comm *comm);
+
+/* The header each rank contributes to the agreement (agree.c). */
+#define RA_AGREE_MAGIC 0x52415432 /* "RAT2" */
+typedef struct ra_agree_header {
+  int32_t magic, op, status, has_cfg, device_type, pad;
+  uint64_t comm_id, call, bytes;
+  char message[256];
+  ra_config cfg;
+} ra_agree_header;
 
 #endif /* RINGATTN_TRANSPORT_H */

@@ -7,6 +7,7 @@
  * (dimensions, shapes, dtypes, strides, pointers, writability, device).
  */
 #include "ext.h"
+#include "internal.h" /* the core's checked sizes */
 
 #include <string.h>
 
@@ -166,8 +167,9 @@ static int check_bnhd(const ext_tensor *t, const char *name, const ext_tensor *q
 static int check_lse(const ext_tensor *t, const ext_tensor *q, int writable, int device) {
   const ext_dtype *want = ext_dtype_of(q->dtype->dtype == RA_FLOAT64 ? RA_FLOAT64 : RA_FLOAT32);
   const int64_t b = q->shape[0], n = q->shape[1], h = q->shape[2];
+  int64_t hn = -1;
   const int ok = t->dtype == want && t->ndim == 3 && t->shape[0] == b && t->shape[1] == h && t->shape[2] == n &&
-                 t->strides[2] == 1 && t->strides[1] == n && t->strides[0] == h * n;
+                 ra_mul_ok(h, n, &hn) && t->strides[2] == 1 && t->strides[1] == n && t->strides[0] == hn;
   if (!ok) {
     PyErr_Format(PyExc_ValueError, "lse must be a C-contiguous %s tensor of shape (%lld, %lld, %lld)", want->name,
                  (long long)b, (long long)h, (long long)n);
@@ -225,7 +227,13 @@ static int fill_tensors(const call_args *a, ra_bwd_params *p, ext_tensor **used,
 static int fill_settings(const call_args *a, const ext_tensor *q, ext_comm *comm, ra_bwd_params *p) {
   ra_fwd_params *f = &p->fwd;
   f->cfg.batch = q->shape[0];
-  f->cfg.seq_len = q->shape[1] * (comm ? ra_comm_size(comm->comm) : 1); /* with comm, q is this rank's shard */
+  /* with comm, q is this rank's shard */
+  const int ranks = comm ? ra_comm_size(comm->comm) : 1;
+  if (!ra_mul_ok(q->shape[1], ranks, &f->cfg.seq_len)) {
+    PyErr_Format(PyExc_ValueError, "q: %lld positions on each of %d ranks are more than this machine can address",
+                 (long long)q->shape[1], ranks);
+    return -1;
+  }
   f->cfg.num_heads = q->shape[2];
   f->cfg.head_dim = q->shape[3];
   f->cfg.dtype = q->dtype->dtype;
@@ -313,7 +321,7 @@ static PyObject *run_parsed(const call_args *a) {
   if (fill_tensors(a, &p, used, &n_used) || fill_settings(a, used[0], comm, &p) || (ranks = ranks_here(&p)) < 0 ||
       !(stats = PyMem_Calloc((size_t)ranks, sizeof *stats))) {
     if (!PyErr_Occurred()) PyErr_NoMemory();
-    if (comm) ext_comm_refuse(comm); /* the other ranks raise too instead of waiting */
+    if (comm) ext_comm_refuse(comm, a->backward ? RA_OP_BACKWARD : RA_OP_FORWARD); /* the peers raise too */
     return NULL;
   }
   p.fwd.stats = stats;

@@ -98,11 +98,12 @@ typedef struct ext_comm {
 /* The communicator of a capsule; NULL (with an exception) once closed. */
 ext_comm *ext_comm_get(PyObject *capsule);
 
-/* This rank refuses its input: take part in the communicator's agreement
- * with the pending Python exception (TypeError -> unsupported, otherwise
- * invalid argument) so that the other ranks raise instead of waiting.  The
+/* This rank refuses the call `op`: take part in the communicator's
+ * agreement with the pending Python exception (TypeError -> unsupported,
+ * ValueError -> invalid argument, anything else -> transport error named
+ * by its type) so that the other ranks raise instead of waiting.  The
  * exception stays set. */
-void ext_comm_refuse(ext_comm *c);
+void ext_comm_refuse(ext_comm *c, ra_comm_op op);
 
 /* ------------------------------------------------------------ method tables */
 

@@ -12,6 +12,7 @@
  */
 #include "ext.h"
 #include "dlpack.h"
+#include "internal.h" /* the core's checked sizes */
 
 #include <stdio.h>
 #include <string.h>
@@ -92,15 +93,59 @@ static ext_tensor *tensor_new(PyObject *name, PyObject *obj, const char *source)
 }
 
 /* Shape and element strides (NULL: C-contiguous).  Axes of size 1 get their
- * C-contiguous stride: producers put anything there, even negative values. */
+ * C-contiguous stride: producers put anything there, even negative values.
+ * The products are checked: once they no longer fit (a shape no memory
+ * holds, refused by check_extent unless an axis is empty or broadcast),
+ * the remaining contiguous strides are 0, which only ever multiplies 0. */
 static void set_layout(ext_tensor *t, int ndim, const int64_t *shape, const int64_t *strides) {
-  uint64_t contiguous = 1; /* unsigned: a silly shape must not overflow a signed value */
+  int64_t contiguous = 1;
+  int fits = 1;
   t->ndim = ndim;
   for (int i = ndim - 1; i >= 0; i--) {
     t->shape[i] = shape[i];
-    t->strides[i] = (strides && shape[i] != 1) ? strides[i] : (int64_t)contiguous;
-    contiguous *= (uint64_t)shape[i];
+    t->strides[i] = (strides && shape[i] != 1) ? strides[i] : (fits ? contiguous : 0);
+    if (fits && !ra_mul_ok(contiguous, shape[i] > 0 ? shape[i] : 0, &contiguous)) fits = 0;
   }
+}
+
+static PyObject *int64_tuple(const int64_t *v, int n);
+
+/* The bytes a Tensor reaches must lie inside the address space: no
+ * negative sizes, and ptr + every (index . strides) * itemsize computed
+ * without wrapping.  NumPy arrays always pass; a DLPack or CUDA array
+ * interface producer may claim anything.  Empty tensors reach nothing. */
+static int check_extent(ext_tensor *t) {
+  int64_t below = 0, above = 0, step; /* elements before and after element (0, ..., 0) */
+  int empty = 0;
+  for (int i = 0; i < t->ndim; i++) {
+    if (t->shape[i] < 0) {
+      PyObject *sh = int64_tuple(t->shape, t->ndim);
+      if (sh) PyErr_Format(PyExc_ValueError, "%U: shape %R has a negative size", t->name, sh);
+      Py_XDECREF(sh);
+      return -1;
+    }
+    empty |= t->shape[i] == 0;
+  }
+  if (empty) return 0;
+  int ok = 1;
+  for (int i = 0; i < t->ndim && ok; i++) {
+    const int64_t s = t->strides[i];
+    const int64_t mag = s >= 0 ? s : (s == INT64_MIN ? -1 : -s); /* -1: no int64 magnitude */
+    ok = mag >= 0 && ra_mul_ok(t->shape[i] - 1, mag, &step) && ra_add_ok(s >= 0 ? above : below, step,
+                                                                         s >= 0 ? &above : &below);
+  }
+  size_t lo, hi; /* bytes before the pointer, and from it to the end of the last element */
+  ok = ok && ra_add_ok(above, 1, &above) && ra_bytes_ok(below, (size_t)t->dtype->itemsize, &lo) &&
+       ra_bytes_ok(above, (size_t)t->dtype->itemsize, &hi) && t->ptr >= lo && t->ptr <= UINTPTR_MAX - hi;
+  if (ok) return 0;
+  PyObject *sh = int64_tuple(t->shape, t->ndim), *st = int64_tuple(t->strides, t->ndim);
+  if (sh && st)
+    PyErr_Format(PyExc_ValueError,
+                 "%U: shape %R with strides %R (elements) from address %p reaches outside the address space", t->name,
+                 sh, st, (void *)t->ptr);
+  Py_XDECREF(sh);
+  Py_XDECREF(st);
+  return -1;
 }
 
 static int check_ndim(PyObject *name, Py_ssize_t ndim) {
@@ -631,16 +676,22 @@ static PyObject *py_intake(PyObject *self, PyObject *args, PyObject *kw) {
     PyErr_Format(PyExc_TypeError, "stream must be None or an int, got %.100s", Py_TYPE(stream)->tp_name);
     return NULL;
   }
-  if (PyArray_Check(obj)) return intake_numpy((PyArrayObject *)obj, name);
-  if (PyObject_HasAttrString(obj, "__dlpack__") && PyObject_HasAttrString(obj, "__dlpack_device__"))
-    return intake_dlpack(obj, name, stream);
-  PyObject *cai = get_cai(obj);
-  if (cai) {
-    PyObject *t = intake_cai(obj, name, cai);
-    Py_DECREF(cai);
-    return t;
+  PyObject *t = NULL;
+  if (PyArray_Check(obj)) {
+    t = intake_numpy((PyArrayObject *)obj, name);
+  } else if (PyObject_HasAttrString(obj, "__dlpack__") && PyObject_HasAttrString(obj, "__dlpack_device__")) {
+    t = intake_dlpack(obj, name, stream);
+  } else {
+    PyObject *cai = get_cai(obj);
+    if (cai) {
+      t = intake_cai(obj, name, cai);
+      Py_DECREF(cai);
+    } else if (PyErr_Occurred()) {
+      return NULL;
+    }
   }
-  if (PyErr_Occurred()) return NULL;
+  if (t && check_extent((ext_tensor *)t)) Py_CLEAR(t); /* a consumed DLPack tensor goes back to its producer */
+  if (t || PyErr_Occurred()) return t;
   return PyErr_Format(PyExc_TypeError,
                       "%U must be a NumPy array or a CUDA array (__cuda_array_interface__ or DLPack), got %.100s",
                       name, Py_TYPE(obj)->tp_name);

@@ -2,11 +2,14 @@
  * test_core.c -- unit tests of the C core, run by `meson test` (harness.h).
  */
 #include <math.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "calls.h"
+#include "cpu/cpu.h"
 #include "naive.h"
 #include "ring/driver.h"
 
@@ -191,6 +194,60 @@ static void test_merge(void) {
   CHECK(fabs(a4[0] - 2.0f) < 1e-6 && fabs(l4 - (1000.0 + log(2.0))) < 1e-3);
 }
 
+/* The merge of partials whose lse lies far outside exp's range: e^lse
+ * overflows (float beyond 88.7, double beyond 709.8) or underflows to 0
+ * (float below -103, double below -745) unless the merge is taken relative
+ * to the larger lse; without that, inf/inf or 0/0 gives NaN.  Rows 3 apart
+ * (acc), 2 apart (lse), each with its own pair, checked against the stable
+ * formula in double: w_a = 1 / (1 + e^{lse_b - lse_a}). */
+static const double merge_pairs[][2] = {
+    {1000, 990}, {990, 1000}, {-1000, -995}, {-995, -1000}, {100, 80},
+    {-110, -120}, {-120, -110}, {800, 800}, {-800, -800}, {2.5, -3.0},
+};
+#define MERGE_ROWS (sizeof merge_pairs / sizeof merge_pairs[0])
+
+static void merge_expect(int row, double a0, double p0, double *out, double *lse) {
+  const double la = merge_pairs[row][0], lp = merge_pairs[row][1], mx = la > lp ? la : lp;
+  const double wa = 1.0 / (1.0 + exp(lp - la));
+  *out = wa * a0 + (1.0 - wa) * p0;
+  *lse = mx + log1p(exp(-fabs(la - lp)));
+}
+
+static void test_merge_large_lse(void) {
+  enum { R = MERGE_ROWS, D = 2 };
+  float acc[3 * R], part[D * R], lse_acc[2 * R], lse_part[R];
+  double acc64[3 * R], part64[D * R], lse_acc64[2 * R], lse_part64[R];
+  for (int t = 0; t < (int)R; t++)
+    for (int c = 0; c < D; c++) {
+      acc[3 * t + c] = (float)(acc64[3 * t + c] = 1.0 + t + 0.25 * c);
+      part[D * t + c] = (float)(part64[D * t + c] = -2.0 + 0.5 * t - c);
+      lse_acc[2 * t] = (float)(lse_acc64[2 * t] = merge_pairs[t][0]);
+      lse_part[t] = (float)(lse_part64[t] = merge_pairs[t][1]);
+    }
+  ra_merge_rows(acc, 3, lse_acc, 2, part, D, lse_part, R, D);
+  ra_merge_rows_f64(acc64, 3, lse_acc64, 2, part64, D, lse_part64, R, D);
+  for (int t = 0; t < (int)R; t++) {
+    for (int c = 0; c < D; c++) {
+      double want, want_lse;
+      merge_expect(t, 1.0 + t + 0.25 * c, -2.0 + 0.5 * t - c, &want, &want_lse);
+      /* float: inputs and weights are rounded to float (values below 12) */
+      if (!(fabs(acc[3 * t + c] - want) <= 1e-5 * (1 + fabs(want))) ||
+          !(fabs(acc64[3 * t + c] - want) <= 1e-13 * (1 + fabs(want)))) {
+        fprintf(stderr, "  row %d (lse %g, %g) col %d: float %.9g, double %.17g, want %.17g\n", t,
+                merge_pairs[t][0], merge_pairs[t][1], c, acc[3 * t + c], acc64[3 * t + c], want);
+        failures_in_test++;
+      }
+      /* lse to a few ulp of its magnitude */
+      if (!(fabs(lse_acc[2 * t] - want_lse) <= 4 * 6e-8 * fabs(want_lse) + 1e-6) ||
+          !(fabs(lse_acc64[2 * t] - want_lse) <= 4e-16 * fabs(want_lse) + 1e-15)) {
+        fprintf(stderr, "  row %d (lse %g, %g): lse float %.9g, double %.17g, want %.17g\n", t,
+                merge_pairs[t][0], merge_pairs[t][1], lse_acc[2 * t], lse_acc64[2 * t], want_lse);
+        failures_in_test++;
+      }
+    }
+  }
+}
+
 /* Every case in float32 (tol 2e-5) and in float64, whose double path must
  * match the double reference to rounding (tol 1e-12). */
 static void forward_cases(ra_dtype dtype, double tol) {
@@ -274,18 +331,37 @@ static void test_float64_backward_ring(void) {
 
 /* Per rank: 4 shards (q, k, v, o) + the fp32 accumulator, and from two
  * ranks on 2 double-buffered key/value blocks: 5 units of n/k at k = 1,
- * 9 units of n/k at k >= 2.  So the peak halves whenever k doubles. */
+ * 9 units of n/k at k >= 2.  So the peak halves whenever k doubles.
+ * Exactly, to the byte (tests/memory_model.py has the general formula):
+ * the kernel workspaces of the rank's threads (ring_error runs 2 threads,
+ * shared by the ranks), the shards and lse it holds, the task and copy
+ * lists, the accumulator and lse state, and the two ring buffers. */
 static void test_memory_falls_with_ranks(void) {
   int64_t s[1] = {512}, r[1] = {1};
   int64_t peak_at[9] = {0};
-  const int64_t unit = 512 * 4 * 64 * 4, slack = 2 * 300000; /* kernel workspace: 2 threads */
+  const int64_t b = 1, n = 512, h = 4, d = 64, unit = b * n * h * d * 4;
+  const int64_t slack = 2 * 300000; /* kernel workspace: 2 threads */
   for (int world = 1; world <= 8; world *= 2) {
-    ra_config c = make_config(1, 512, 4, 64, 1, s, r, 0, RA_MODE_GROUPS, world);
+    ra_config c = make_config(b, n, h, d, 1, s, r, 0, RA_MODE_GROUPS, world);
     ra_stats stats[8];
     double lse_err;
     CHECK(ring_error(&c, stats, &lse_err) < 2e-5);
+    const int64_t L = n / world, threads = world < 2 ? 2 / world : 1;
+    const int64_t exact = threads * (int64_t)ra_workspace_bytes(d)   /* kernel workspaces      */
+                          + 5 * unit / world + b * h * L * 4         /* q k v o, lse (held)    */
+                          + b * h * (int64_t)sizeof(ra_attend_task)  /* task list: 1 window    */
+                          + b * h * (int64_t)sizeof(ra_copy_task)    /* copy list              */
+                          + b * h * L * 4                            /* lse state; acc in 5u/k */
+                          + (world > 1 ? 2 * 2 * unit / world : 0);  /* two ring buffers: k, v */
     int64_t peak = 0;
-    for (int rk = 0; rk < world; rk++) peak = stats[rk].peak_bytes > peak ? stats[rk].peak_bytes : peak;
+    for (int rk = 0; rk < world; rk++) {
+      if (stats[rk].peak_bytes != exact) {
+        fprintf(stderr, "  k=%d rank %d: peak %lld, want %lld\n", world, rk, (long long)stats[rk].peak_bytes,
+                (long long)exact);
+        failures_in_test++;
+      }
+      peak = stats[rk].peak_bytes > peak ? stats[rk].peak_bytes : peak;
+    }
     peak_at[world] = peak;
     int64_t expect = (world == 1 ? 5 : 9) * unit / world;
     CHECK(peak >= expect && peak <= expect + unit / 64 + slack);
@@ -372,11 +448,30 @@ static void test_failed_rank_does_not_hang(void) {
   free(x);
 }
 
+/* A deadlocked ring (a wrong neighbour, a lost message) must fail this
+ * program quickly, not hang it until meson's timeout: the whole program takes
+ * about a second (7 s under the sanitizers, on two cores). */
+#define WATCHDOG_SECONDS 60
+#define STRINGIFY(x) #x
+#define STR(x) STRINGIFY(x)
+
+static void on_watchdog(int sig) {
+  static const char msg[] = "test_core: still running after " STR(WATCHDOG_SECONDS)
+                            " s: a deadlocked ring? (the test after the last one listed)\n";
+  (void)sig;
+  if (write(2, msg, sizeof msg - 1) < 0) _exit(2);
+  _exit(1);
+}
+
 int main(void) {
+  setvbuf(stdout, NULL, _IOLBF, 0); /* each finished test is listed before a hang */
+  signal(SIGALRM, on_watchdog);
+  alarm(WATCHDOG_SECONDS);
   static const test_case tests[] = {
       {"status_strings", test_status_strings},
       {"plan_validation", test_plan_validation},
       {"merge", test_merge},
+      {"merge_large_lse", test_merge_large_lse},
       {"forward_matches_naive", test_forward_matches_naive},
       {"float64_matches_naive", test_float64_matches_naive},
       {"float64_backward_ring", test_float64_backward_ring},

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Build the libFuzzer target tests/fuzz/fuzz_plan.c from the core's sources
+# (CPU only: no CUDA, MPI or OpenMP) with clang -fsanitize=fuzzer,address,
+# undefined, and run it for a bounded time:
+#
+#   bash tests/fuzz/run.sh [SECONDS]        (default 60)
+#
+# Exits non-zero when the fuzzer finds a crash, a sanitizer report or a
+# broken invariant (the reproducer is left in build-fuzz/; rerun it with
+# `build-fuzz/fuzz_plan build-fuzz/crash-...`).  Needs clang with
+# libclang_rt.fuzzer (Debian/Ubuntu: apt-get install clang libclang-rt-14-dev,
+# or the clang-NN / libclang-rt-NN-dev of another version).  CC=clang-NN
+# picks a compiler; the corpus grows in build-fuzz/corpus between runs.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+seconds=${1:-60}
+cc=${CC:-clang}
+out=build-fuzz
+mkdir -p "$out/corpus"
+if ! command -v "$cc" >/dev/null; then
+  echo "tests/fuzz/run.sh: $cc not found (apt-get install clang libclang-rt-14-dev)" >&2
+  exit 2
+fi
+
+# the core as meson builds it (-march=native) without CUDA, MPI and NCCL:
+# every C source of csrc/ but the MPI and NCCL transports (their stubs
+# instead), and cuda/absent.c
+sources=()
+for f in csrc/core/*.c csrc/ring/*.c csrc/cpu/*.c csrc/transport/*.c; do
+  case "$f" in
+    csrc/transport/mpi.c | csrc/transport/nccl.c) ;;
+    *) sources+=("$f") ;;
+  esac
+done
+sources+=(cuda/absent.c)
+
+"$cc" -g -O1 -std=c11 -D_POSIX_C_SOURCE=200809L -Icsrc \
+  -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer \
+  -march=native -Wno-unknown-pragmas -Wno-psabi \
+  tests/fuzz/fuzz_plan.c "${sources[@]}" -lm -lpthread -o "$out/fuzz_plan"
+
+# leaks count as failures (detect_leaks); a failed allocation is a path under
+# test, not a crash (allocator_may_return_null); one input may take 10 s
+ASAN_OPTIONS=detect_leaks=1:allocator_may_return_null=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+  "$out/fuzz_plan" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=4096 -max_len=512 \
+  -print_final_stats=1 -artifact_prefix="$out/" "$out/corpus"
