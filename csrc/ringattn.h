@@ -334,6 +334,9 @@ void ra_comm_exiting(void);
  * host memory for MPI, device memory for NCCL.  A collective call
  * (RA_OP_GATHER): the ranks first agree, also on `bytes`. */
 ra_status ra_comm_allgather(ra_comm *comm, const void *send, size_t bytes, void *recv);
+/* The same on host memory for every communicator (NCCL stages it through
+ * pinned host and device memory on its own device). */
+ra_status ra_comm_allgather_host(ra_comm *comm, const void *send, size_t bytes, void *recv);
 
 /* --------------------------------------------------------------------- merge */
 

@@ -56,7 +56,11 @@ class Communicator:
     closed the communicator or exited.  After such a failure the
     communicator is *broken* (`broken` says why): every later call raises
     at once; create a new one.  See docs/design.md, "Failure model".
-    (NCCL communicators do not enforce the timeout yet.)
+    NCCL communicators enforce a timeout only when given one (timeout=
+    of nccl() / nccl_from_mpi(); none by default): then every wait polls
+    its stream and NCCL's asynchronous error until the deadline, and a
+    rank that gives up a call aborts its NCCL communicator (ncclCommAbort).
+    That path has not run on a multi-rank GPU job yet.
     """
 
     def __init__(self, handle):
@@ -96,8 +100,10 @@ class Communicator:
         return _ext.comm_state(self.handle())["broken"]
 
     @classmethod
-    def nccl(cls, unique_id, world_size, rank, device):
-        """NCCL communicator; every rank passes the same nccl_unique_id()."""
+    def nccl(cls, unique_id, world_size, rank, device, timeout=None):
+        """NCCL communicator; every rank passes the same nccl_unique_id().
+        timeout: seconds any wait of a call may last (None, the default:
+        forever; opt-in for NCCL, see the class docstring)."""
         if not isinstance(unique_id, (bytes, bytearray)):
             raise TypeError(f"unique_id must be bytes from ringattn.nccl_unique_id(), got {type(unique_id).__name__}")
         world_size = check.positive_int(world_size, "world_size")
@@ -105,15 +111,23 @@ class Communicator:
             raise ValueError(f"rank must be an integer in [0, {world_size}), got {rank!r}")
         if isinstance(device, bool) or not isinstance(device, int) or device < 0:
             raise ValueError(f"device must be a non-negative integer, got {device!r}")
-        return cls(_ext.comm_nccl(bytes(unique_id), world_size, rank, device))
+        seconds = _timeout(timeout)
+        return cls._with_timeout(_ext.comm_nccl(bytes(unique_id), world_size, rank, device), seconds)
 
     @classmethod
-    def nccl_from_mpi(cls, device=0, comm=None):
+    def nccl_from_mpi(cls, device=0, comm=None, timeout=None):
         """NCCL communicator over the ranks of an MPI communicator; rank 0's
-        unique id is shared over MPI."""
+        unique id is shared over MPI.  timeout as in nccl()."""
         if isinstance(device, bool) or not isinstance(device, int) or device < 0:
             raise ValueError(f"device must be a non-negative integer, got {device!r}")
-        return cls(_ext.comm_nccl_from_mpi(_mpi_handle(comm), device))
+        seconds = _timeout(timeout)
+        return cls._with_timeout(_ext.comm_nccl_from_mpi(_mpi_handle(comm), device), seconds)
+
+    @classmethod
+    def _with_timeout(cls, handle, seconds):
+        self = cls(handle)
+        _ext.comm_set_timeout(self._handle, seconds)
+        return self
 
     def close(self):
         """Release the communicator (collective).  While another thread is

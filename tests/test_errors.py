@@ -239,3 +239,14 @@ def test_error_leaves_module_usable():
         run_with_timeout(lambda: attn(q, bad, v))
     o = run_with_timeout(lambda: attn(q, k, v))
     assert np.all(np.isfinite(o))
+
+
+def test_nccl_timeout_is_checked_before_anything_is_created():
+    """Communicator.nccl / nccl_from_mpi take timeout= (opt-in for NCCL); a
+    bad value is refused before NCCL or a GPU is touched."""
+    uid = bytes(128)
+    for bad, err in ((-1.0, ValueError), (0, ValueError), (float("nan"), ValueError), ("1", TypeError)):
+        with pytest.raises(err, match="timeout"):
+            ringattn.Communicator.nccl(uid, 1, 0, 0, timeout=bad)
+        with pytest.raises(err, match="timeout"):
+            ringattn.Communicator.nccl_from_mpi(0, timeout=bad)

@@ -243,10 +243,15 @@ static PyObject *py_comm_allgather(PyObject *self, PyObject *args) {
     ra_status st;
     c->busy++;
     Py_BEGIN_ALLOW_THREADS
-    st = ra_comm_allgather(c->comm, in.buf, (size_t)in.len, out.buf);
+    st = ra_comm_allgather_host(c->comm, in.buf, (size_t)in.len, out.buf); /* Python buffers: host memory */
     Py_END_ALLOW_THREADS
     c->busy--;
-    result = st == RA_OK ? Py_NewRef(Py_None) : ext_raise_status(st);
+    if (st == RA_OK) {
+      Py_INCREF(Py_None);
+      result = Py_None;
+    } else {
+      result = ext_raise_status(st);
+    }
   }
   PyBuffer_Release(&in);
   PyBuffer_Release(&out);
