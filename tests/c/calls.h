@@ -8,9 +8,29 @@
 
 #include "ringattn.h"
 
+/* A configuration of G branches (segments s, rates r). */
+static inline ra_config make_config(int64_t b, int64_t n, int64_t h, int64_t d, int G, const int64_t *s,
+                                    const int64_t *r, int causal, ra_mode mode, int world) {
+  ra_config c;
+  ra_config_init(&c);
+  c.batch = b;
+  c.seq_len = n;
+  c.num_heads = h;
+  c.head_dim = d;
+  c.num_branches = G;
+  for (int i = 0; i < G; i++) {
+    c.segment_lengths[i] = s[i];
+    c.dilation_rates[i] = r[i];
+  }
+  c.causal = causal;
+  c.mode = mode;
+  c.world_size = world;
+  return c;
+}
+
 /* The forward of `cfg` over cfg->world_size in-process ranks; lse (b, h, n)
  * may be NULL; stats has world_size entries or is NULL. */
-static ra_status call_forward(const ra_config *cfg, ra_device_type device, ra_tensor q, ra_tensor k, ra_tensor v,
+static inline ra_status call_forward(const ra_config *cfg, ra_device_type device, ra_tensor q, ra_tensor k, ra_tensor v,
                               ra_tensor o, void *lse, const ra_exec *exec, ra_stats *stats) {
   ra_fwd_params p;
   ra_fwd_params_init(&p);
@@ -28,7 +48,7 @@ static ra_status call_forward(const ra_config *cfg, ra_device_type device, ra_te
 }
 
 /* Its backward: dq, dk, dv for dout, given the forward's o and lse. */
-static ra_status call_backward(const ra_config *cfg, ra_device_type device, ra_tensor q, ra_tensor k, ra_tensor v,
+static inline ra_status call_backward(const ra_config *cfg, ra_device_type device, ra_tensor q, ra_tensor k, ra_tensor v,
                                ra_tensor o, ra_tensor dout, void *lse, ra_tensor dq, ra_tensor dk, ra_tensor dv,
                                const ra_exec *exec, ra_stats *stats) {
   ra_bwd_params p;
@@ -51,7 +71,7 @@ static ra_status call_backward(const ra_config *cfg, ra_device_type device, ra_t
 }
 
 /* CPU execution settings: `threads` threads, NaN/Inf scan when check. */
-static ra_exec cpu_exec(int threads, int check) {
+static inline ra_exec cpu_exec(int threads, int check) {
   ra_exec e = ra_exec_default();
   e.num_threads = threads;
   e.check_finite = check;

@@ -22,7 +22,7 @@ static int failures_in_test;
 
 /* xorshift64*: a fixed, portable sequence in [-1, 1) */
 static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
-static float uniform(void) {
+static inline float uniform(void) {
   rng_state ^= rng_state >> 12;
   rng_state ^= rng_state << 25;
   rng_state ^= rng_state >> 27;

@@ -21,25 +21,6 @@ static float *random_tensor(int64_t count) {
   return x;
 }
 
-static ra_config make_config(int64_t b, int64_t n, int64_t h, int64_t d, int G,
-                             const int64_t *s, const int64_t *r, int causal,
-                             ra_mode mode, int world) {
-  ra_config c;
-  ra_config_init(&c);
-  c.batch = b;
-  c.seq_len = n;
-  c.num_heads = h;
-  c.head_dim = d;
-  c.num_branches = G;
-  for (int i = 0; i < G; i++) {
-    c.segment_lengths[i] = s[i];
-    c.dilation_rates[i] = r[i];
-  }
-  c.causal = causal;
-  c.mode = mode;
-  c.world_size = world;
-  return c;
-}
 
 static ra_tensor contiguous(void *data, const ra_config *c) {
   ra_tensor t = {data, c->seq_len * c->num_heads * c->head_dim, c->num_heads * c->head_dim, c->head_dim};

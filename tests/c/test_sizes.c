@@ -17,17 +17,7 @@
 #include "harness.h"
 
 static ra_config config(int64_t b, int64_t n, int64_t h, int64_t d, int64_t s, int64_t r, int world) {
-  ra_config c;
-  ra_config_init(&c);
-  c.batch = b;
-  c.seq_len = n;
-  c.num_heads = h;
-  c.head_dim = d;
-  c.num_branches = 1;
-  c.segment_lengths[0] = s;
-  c.dilation_rates[0] = r;
-  c.world_size = world;
-  return c;
+  return make_config(b, n, h, d, 1, &s, &r, 0, RA_MODE_GROUPS, world);
 }
 
 static void expect_refused(ra_status st, const char *needle) {
