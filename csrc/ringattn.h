@@ -240,15 +240,21 @@ ra_status ra_comm_create_mpi(const void *mpi_comm, ra_comm **comm);
 
 /* NCCL: all ranks pass the same 128-byte id (from ra_nccl_unique_id on one
  * rank), the world size, their rank and their CUDA device.  libnccl is
- * loaded at run time, so a build made without a GPU still links. */
+ * loaded at run time, so a build made without a GPU still links.  timeout
+ * > 0 (seconds; opt-in for NCCL, see ra_comm_set_timeout) makes the
+ * communicator nonblocking: its creation, and every wait of its calls,
+ * end by then (and the NCCL communicator is aborted) instead of blocking
+ * on a rank that never joins; 0 keeps NCCL's blocking behaviour. */
 #define RA_NCCL_UNIQUE_ID_BYTES 128
 ra_status ra_nccl_unique_id(unsigned char id[RA_NCCL_UNIQUE_ID_BYTES]);
 ra_status ra_comm_create_nccl(const unsigned char id[RA_NCCL_UNIQUE_ID_BYTES],
                               int world_size, int rank, int device,
-                              ra_comm **comm);
-/* NCCL communicator whose id is shared over MPI (mpi_comm as above). */
+                              double timeout, ra_comm **comm);
+/* NCCL communicator whose id is shared over MPI (mpi_comm as above).  The
+ * ranks agree over MPI (within timeout, when > 0) before any of them
+ * enters NCCL's initialisation, so a rank that fails early fails them all. */
 ra_status ra_comm_create_nccl_from_mpi(const void *mpi_comm, int device,
-                                       ra_comm **comm);
+                                       double timeout, ra_comm **comm);
 void ra_comm_destroy(ra_comm *comm);
 
 int ra_comm_rank(const ra_comm *comm);

@@ -57,10 +57,11 @@ class Communicator:
     communicator is *broken* (`broken` says why): every later call raises
     at once; create a new one.  See docs/design.md, "Failure model".
     NCCL communicators enforce a timeout only when given one (timeout=
-    of nccl() / nccl_from_mpi(); none by default): then every wait polls
-    its stream and NCCL's asynchronous error until the deadline, and a
-    rank that gives up a call aborts its NCCL communicator (ncclCommAbort).
-    That path has not run on a multi-rank GPU job yet.
+    of nccl() / nccl_from_mpi(); none by default): the NCCL communicator
+    is then nonblocking, its creation and every wait of a call poll NCCL's
+    asynchronous error (and the stream) until the deadline, and a rank that
+    gives up a call aborts its NCCL communicator (ncclCommAbort).  That
+    path has not run on a multi-rank GPU job yet.
     """
 
     def __init__(self, handle):
@@ -112,7 +113,7 @@ class Communicator:
         if isinstance(device, bool) or not isinstance(device, int) or device < 0:
             raise ValueError(f"device must be a non-negative integer, got {device!r}")
         seconds = _timeout(timeout)
-        return cls._with_timeout(_ext.comm_nccl(bytes(unique_id), world_size, rank, device), seconds)
+        return cls(_ext.comm_nccl(bytes(unique_id), world_size, rank, device, seconds))
 
     @classmethod
     def nccl_from_mpi(cls, device=0, comm=None, timeout=None):
@@ -121,13 +122,7 @@ class Communicator:
         if isinstance(device, bool) or not isinstance(device, int) or device < 0:
             raise ValueError(f"device must be a non-negative integer, got {device!r}")
         seconds = _timeout(timeout)
-        return cls._with_timeout(_ext.comm_nccl_from_mpi(_mpi_handle(comm), device), seconds)
-
-    @classmethod
-    def _with_timeout(cls, handle, seconds):
-        self = cls(handle)
-        _ext.comm_set_timeout(self._handle, seconds)
-        return self
+        return cls(_ext.comm_nccl_from_mpi(_mpi_handle(comm), device, seconds))
 
     def close(self):
         """Release the communicator (collective).  While another thread is

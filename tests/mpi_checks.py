@@ -135,6 +135,11 @@ def main():
         assert comm.calls == calls + 2 and comm.broken is None, (comm.calls, calls, comm.broken)
         # the communicator still works afterwards
         check_case("after errors", 1, 64 * K, 2, 16, [64 * K], [1])
+    if ringattn.cuda_device_count() == 0:
+        # every rank fails its own checks before NCCL's initialisation; they
+        # agree over MPI first, so all raise and none blocks in ncclCommInitRank
+        expect_error_everywhere("nccl_from_mpi without a GPU", (TypeError, ValueError, ringattn.RingAttnError),
+                                lambda: ringattn.Communicator.nccl_from_mpi(0, timeout=30), "")
     assert comm.timeout == 600.0, comm.timeout
     comm.timeout = 30
     assert comm.timeout == 30.0

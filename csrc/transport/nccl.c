@@ -38,6 +38,7 @@ static struct {
   int loaded;
   ncclResult_t (*get_unique_id)(ncclUniqueId *);
   ncclResult_t (*comm_init_rank)(ncclComm_t *, int, ncclUniqueId, int);
+  ncclResult_t (*comm_init_rank_config)(ncclComm_t *, int, ncclUniqueId, int, ncclConfig_t *); /* may be NULL */
   ncclResult_t (*comm_destroy)(ncclComm_t);
   ncclResult_t (*comm_abort)(ncclComm_t);
   ncclResult_t (*comm_get_async_error)(ncclComm_t, ncclResult_t *);
@@ -78,6 +79,7 @@ static ra_status load_nccl_locked(void) {
   SYM(all_gather, "ncclAllGather")
   SYM(error_string, "ncclGetErrorString")
 #undef SYM
+  *(void **)&nccl.comm_init_rank_config = dlsym(lib, "ncclCommInitRankConfig"); /* NCCL >= 2.14 */
   nccl.loaded = 1;
   return RA_OK;
 }
@@ -112,6 +114,7 @@ typedef struct nccl_impl {
   cudaStream_t stream;
   int device;
   int aborted;      /* ncclCommAbort ran: the NCCL communicator is gone */
+  int nonblocking;  /* created with a timeout: NCCL calls may return ncclInProgress */
   ra_comm *owner;   /* for the timeout and the failure model            */
   pending_op pending[MAX_PENDING];
   int npending;
@@ -169,6 +172,31 @@ static ra_status sync_stream(nccl_impl *n, const char *what) {
   }
 }
 
+/* A nonblocking communicator's call may return ncclInProgress: poll its
+ * asynchronous error until the operation is issued, a failure, or the
+ * deadline (then the communicator is aborted). */
+static ra_status settle(nccl_impl *n, ncclResult_t r, const char *what, double timeout) {
+  if (r == ncclSuccess) return RA_OK;
+  if (r != ncclInProgress) return nccl_error(r, what);
+  const double deadline = now_seconds() + timeout;
+  long sleep_ns = 1000;
+  for (;;) {
+    ncclResult_t async = ncclSuccess;
+    ncclResult_t q = nccl.comm_get_async_error(n->comm, &async);
+    if (q != ncclSuccess) return nccl_error(q, "ncclCommGetAsyncError");
+    if (async == ncclSuccess) return RA_OK;
+    if (async != ncclInProgress) return nccl_error(async, what);
+    if (timeout > 0 && now_seconds() > deadline) {
+      nccl.comm_abort(n->comm);
+      n->aborted = 1;
+      return ra_fail(RA_ERR_TRANSPORT, "%s timed out after %g s (a peer did not take part)", what, timeout);
+    }
+    struct timespec pause = {0, sleep_ns};
+    nanosleep(&pause, NULL);
+    if (sleep_ns < 1000000) sleep_ns *= 2;
+  }
+}
+
 static ra_status post(nccl_impl *n, int is_send, void *buf, size_t bytes, int peer, ra_request *req) {
   if (n->npending == MAX_PENDING) return ra_fail(RA_ERR_INTERNAL, "too many NCCL operations in one group");
   n->pending[n->npending++] = (pending_op){is_send, peer, buf, bytes};
@@ -198,9 +226,8 @@ static ra_status flush(nccl_impl *n) {
   }
   ncclResult_t e = nccl.group_end();
   n->npending = 0;
-  if (r != ncclSuccess) return nccl_error(r, "ncclSend/ncclRecv");
-  if (e != ncclSuccess) return nccl_error(e, "ncclGroupEnd");
-  return RA_OK;
+  if (r != ncclSuccess && r != ncclInProgress) return nccl_error(r, "ncclSend/ncclRecv");
+  return settle(n, e, "ncclGroupEnd", n->owner ? n->owner->timeout : 0);
 }
 
 static ra_status nccl_wait(void *ctx, ra_request *req) {
@@ -219,7 +246,7 @@ static const ra_transport_ops nccl_ops = {"nccl", nccl_isend, nccl_irecv, nccl_w
 static ra_status allgather_device(nccl_impl *n, const void *send, size_t bytes, void *recv) {
   if (n->aborted) return ra_fail(RA_ERR_TRANSPORT, "the NCCL communicator was aborted");
   ncclResult_t r = nccl.all_gather(send, recv, bytes, ncclUint8, n->comm, n->stream);
-  if (r != ncclSuccess) return nccl_error(r, "ncclAllGather");
+  RA_TRY(settle(n, r, "ncclAllGather", n->owner ? n->owner->timeout : 0));
   return sync_stream(n, "ncclAllGather");
 }
 
@@ -283,7 +310,9 @@ static void nccl_destroy(ra_comm *c) {
   nccl_impl *n = c->impl;
   device_guard g;
   const int on_device = guard_enter(&g, n->device) == RA_OK;
-  if (!n->aborted) nccl.comm_destroy(n->comm);
+  /* every operation has completed here; a nonblocking communicator is
+   * released with ncclCommAbort, which never waits */
+  if (!n->aborted) n->nonblocking ? nccl.comm_abort(n->comm) : nccl.comm_destroy(n->comm);
   cudaStreamDestroy(n->stream);
   if (on_device) guard_exit(&g);
   free(n);
@@ -304,7 +333,7 @@ ra_status ra_nccl_unique_id(unsigned char id[RA_NCCL_UNIQUE_ID_BYTES]) {
 
 /* The communicator on `device`, which the caller made current. */
 static ra_status create_on_device(const unsigned char id[RA_NCCL_UNIQUE_ID_BYTES], int world_size, int rank,
-                                  int device, ra_comm **out) {
+                                  int device, double timeout, ra_comm **out) {
   ra_comm *c = calloc(1, sizeof *c);
   nccl_impl *n = calloc(1, sizeof *n);
   if (!c || !n) {
@@ -321,12 +350,23 @@ static ra_status create_on_device(const unsigned char id[RA_NCCL_UNIQUE_ID_BYTES
   }
   ncclUniqueId uid;
   memcpy(&uid, id, sizeof uid);
-  ncclResult_t r = nccl.comm_init_rank(&n->comm, world_size, uid, rank);
-  if (r != ncclSuccess) {
+  ra_status st;
+  if (timeout > 0 && nccl.comm_init_rank_config) {
+    /* nonblocking: a rank that never joins ends the creation at the timeout */
+    ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+    config.blocking = 0;
+    n->nonblocking = 1;
+    st = settle(n, nccl.comm_init_rank_config(&n->comm, world_size, uid, rank, &config), "ncclCommInitRankConfig",
+                timeout);
+  } else {
+    ncclResult_t r = nccl.comm_init_rank(&n->comm, world_size, uid, rank);
+    st = r == ncclSuccess ? RA_OK : nccl_error(r, "ncclCommInitRank");
+  }
+  if (st != RA_OK) {
     cudaStreamDestroy(n->stream);
     free(c);
     free(n);
-    return nccl_error(r, "ncclCommInitRank");
+    return st;
   }
   c->kind = RA_COMM_NCCL;
   c->device_type = RA_DEVICE_CUDA;
@@ -339,17 +379,15 @@ static ra_status create_on_device(const unsigned char id[RA_NCCL_UNIQUE_ID_BYTES
   c->allgather = nccl_allgather;
   c->give_up = nccl_give_up;
   c->destroy = nccl_destroy;
+  c->timeout = timeout > 0 ? timeout : 0;
   n->owner = c;
   *out = c;
   return RA_OK;
 }
 
-ra_status ra_comm_create_nccl(const unsigned char id[RA_NCCL_UNIQUE_ID_BYTES], int world_size, int rank,
-                              int device, ra_comm **out) {
-  *out = NULL;
-  if (world_size < 1) return ra_fail(RA_ERR_INVALID_ARGUMENT, "world_size must be >= 1, got %d", world_size);
-  if (rank < 0 || rank >= world_size)
-    return ra_fail(RA_ERR_INVALID_ARGUMENT, "rank must be in [0, %d), got %d", world_size, rank);
+/* What a rank can check on its own before it joins: NCCL loads, the
+ * device exists. */
+static ra_status check_local(int device) {
   RA_TRY(load_nccl());
   int count = 0;
   if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
@@ -358,25 +396,42 @@ ra_status ra_comm_create_nccl(const unsigned char id[RA_NCCL_UNIQUE_ID_BYTES], i
   }
   if (device < 0 || device >= count)
     return ra_fail(RA_ERR_INVALID_ARGUMENT, "device must be in [0, %d), got %d", count, device);
+  return RA_OK;
+}
+
+ra_status ra_comm_create_nccl(const unsigned char id[RA_NCCL_UNIQUE_ID_BYTES], int world_size, int rank,
+                              int device, double timeout, ra_comm **out) {
+  *out = NULL;
+  if (world_size < 1) return ra_fail(RA_ERR_INVALID_ARGUMENT, "world_size must be >= 1, got %d", world_size);
+  if (rank < 0 || rank >= world_size)
+    return ra_fail(RA_ERR_INVALID_ARGUMENT, "rank must be in [0, %d), got %d", world_size, rank);
+  RA_TRY(check_local(device));
   device_guard g;
   RA_TRY(guard_enter(&g, device));
-  ra_status st = create_on_device(id, world_size, rank, device, out);
+  ra_status st = create_on_device(id, world_size, rank, device, timeout, out);
   guard_exit(&g);
   return st;
 }
-ra_status ra_comm_create_nccl_from_mpi(const void *mpi_comm, int device, ra_comm **out) {
+
+/* Every rank checks what it can on its own and rank 0 makes the id; the
+ * ranks agree over MPI before any of them enters NCCL's initialisation, so
+ * that a rank failing early makes every rank fail instead of leaving the
+ * others blocked in ncclCommInitRank. */
+ra_status ra_comm_create_nccl_from_mpi(const void *mpi_comm, int device, double timeout, ra_comm **out) {
   *out = NULL;
   ra_comm *m = NULL;
   RA_TRY(ra_comm_create_mpi(mpi_comm, &m));
+  if (timeout > 0) ra_comm_set_timeout(m, timeout);
   unsigned char id[RA_NCCL_UNIQUE_ID_BYTES] = {0};
-  ra_status local = m->rank == 0 ? ra_nccl_unique_id(id) : RA_OK;
+  ra_status local = check_local(device);
+  if (local == RA_OK && m->rank == 0) local = ra_nccl_unique_id(id);
   char message[256];
   snprintf(message, sizeof message, "%s", local == RA_OK ? "" : ra_last_error());
-  ra_status st = ra_comm_agree(m, local, message, NULL); /* rank 0's failure reaches everybody */
+  ra_status st = ra_comm_agree(m, local, message, NULL); /* any rank's failure reaches everybody */
   unsigned char *all = NULL;
   if (st == RA_OK && !(all = malloc((size_t)m->size * sizeof id))) st = ra_fail(RA_ERR_OUT_OF_MEMORY, "out of memory");
   if (st == RA_OK) st = m->allgather_host(m, id, sizeof id, all);
-  if (st == RA_OK) st = ra_comm_create_nccl(all, m->size, m->rank, device, out); /* rank 0's id */
+  if (st == RA_OK) st = ra_comm_create_nccl(all, m->size, m->rank, device, timeout, out); /* rank 0's id */
   free(all);
   ra_comm_destroy(m);
   return st;

@@ -13,14 +13,14 @@ ra_status ra_nccl_unique_id(unsigned char id[RA_NCCL_UNIQUE_ID_BYTES]) {
 }
 
 ra_status ra_comm_create_nccl(const unsigned char id[RA_NCCL_UNIQUE_ID_BYTES], int world_size, int rank,
-                              int device, ra_comm **comm) {
-  (void)id; (void)world_size; (void)rank; (void)device;
+                              int device, double timeout, ra_comm **comm) {
+  (void)id; (void)world_size; (void)rank; (void)device; (void)timeout;
   *comm = NULL;
   return ra_fail(RA_ERR_UNSUPPORTED, NO_NCCL);
 }
 
-ra_status ra_comm_create_nccl_from_mpi(const void *mpi_comm, int device, ra_comm **comm) {
-  (void)mpi_comm; (void)device;
+ra_status ra_comm_create_nccl_from_mpi(const void *mpi_comm, int device, double timeout, ra_comm **comm) {
+  (void)mpi_comm; (void)device; (void)timeout;
   *comm = NULL;
   return ra_fail(RA_ERR_UNSUPPORTED, NO_NCCL);
 }

@@ -140,7 +140,8 @@ static PyObject *py_comm_nccl(PyObject *self, PyObject *args) {
   (void)self;
   Py_buffer id;
   int world, rank, device;
-  if (!PyArg_ParseTuple(args, "y*iii:comm_nccl", &id, &world, &rank, &device)) return NULL;
+  double timeout = 0; /* seconds; 0: NCCL's blocking behaviour */
+  if (!PyArg_ParseTuple(args, "y*iii|d:comm_nccl", &id, &world, &rank, &device, &timeout)) return NULL;
   if (id.len != RA_NCCL_UNIQUE_ID_BYTES) {
     PyBuffer_Release(&id);
     return PyErr_Format(PyExc_ValueError, "unique_id must be %d bytes, got %zd", RA_NCCL_UNIQUE_ID_BYTES, id.len);
@@ -148,7 +149,7 @@ static PyObject *py_comm_nccl(PyObject *self, PyObject *args) {
   ra_comm *c = NULL;
   ra_status st;
   Py_BEGIN_ALLOW_THREADS
-  st = ra_comm_create_nccl(id.buf, world, rank, device, &c);
+  st = ra_comm_create_nccl(id.buf, world, rank, device, timeout, &c);
   Py_END_ALLOW_THREADS
   PyBuffer_Release(&id);
   return wrap(st, c);
@@ -158,12 +159,13 @@ static PyObject *py_comm_nccl_from_mpi(PyObject *self, PyObject *args) {
   (void)self;
   PyObject *h;
   int device;
+  double timeout = 0;
   void *handle;
-  if (!PyArg_ParseTuple(args, "Oi:comm_nccl_from_mpi", &h, &device) || mpi_handle(h, &handle)) return NULL;
+  if (!PyArg_ParseTuple(args, "Oi|d:comm_nccl_from_mpi", &h, &device, &timeout) || mpi_handle(h, &handle)) return NULL;
   ra_comm *c = NULL;
   ra_status st;
   Py_BEGIN_ALLOW_THREADS
-  st = ra_comm_create_nccl_from_mpi(handle, device, &c);
+  st = ra_comm_create_nccl_from_mpi(handle, device, timeout, &c);
   Py_END_ALLOW_THREADS
   return wrap(st, c);
 }
@@ -293,9 +295,9 @@ static PyObject *py_comm_exiting(PyObject *self, PyObject *unused) {
 
 PyMethodDef ext_comm_methods[] = {
     {"comm_mpi", py_comm_mpi, METH_O, "comm_mpi(address|None): MPI communicator (None: MPI_COMM_WORLD)."},
-    {"comm_nccl", py_comm_nccl, METH_VARARGS, "comm_nccl(unique_id, world_size, rank, device): NCCL communicator."},
+    {"comm_nccl", py_comm_nccl, METH_VARARGS, "comm_nccl(unique_id, world_size, rank, device, timeout=0): NCCL communicator."},
     {"comm_nccl_from_mpi", py_comm_nccl_from_mpi, METH_VARARGS,
-     "comm_nccl_from_mpi(address|None, device): NCCL communicator whose id is shared over MPI."},
+     "comm_nccl_from_mpi(address|None, device, timeout=0): NCCL communicator whose id is shared over MPI."},
     {"nccl_unique_id", py_nccl_unique_id, METH_NOARGS, "A fresh NCCL unique id (bytes)."},
     {"comm_info", py_comm_info, METH_O, "comm_info(c) -> (rank, world_size, 'mpi'|'nccl', device)."},
     {"comm_close", py_comm_close, METH_O, "comm_close(c): destroy a communicator (collective)."},
