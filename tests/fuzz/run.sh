@@ -42,6 +42,15 @@ sources+=(cuda/absent.c)
 
 # leaks count as failures (detect_leaks); a failed allocation is a path under
 # test, not a crash (allocator_may_return_null); one input may take 10 s
+# the fuzzer's progress goes to $out/fuzz.log; its end is shown, all of it on failure
+rc=0
 ASAN_OPTIONS=detect_leaks=1:allocator_may_return_null=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
   "$out/fuzz_plan" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=4096 -max_len=512 \
-  -print_final_stats=1 -artifact_prefix="$out/" "$out/corpus"
+  -print_final_stats=1 -artifact_prefix="$out/" "$out/corpus" >"$out/fuzz.log" 2>&1 || rc=$?
+if [ "$rc" -ne 0 ]; then
+  tail -n 80 "$out/fuzz.log"
+  echo "tests/fuzz/run.sh: the fuzzer failed (exit $rc); the log is $out/fuzz.log" >&2
+  exit "$rc"
+fi
+grep -E '^(Done|stat::number_of_executed_units|stat::peak_rss_mb)' "$out/fuzz.log" || tail -n 5 "$out/fuzz.log"
+echo "fuzz_plan: clean for ${seconds} s"
