@@ -82,29 +82,17 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
   say "build OK ($(grep -c 'Compiling\|Linking' "$OUT/build.log" 2>/dev/null || echo '?') steps)"
 fi
 
-# stage: the package's .py files and the built extensions, importable from $STAGE
-rm -rf "$STAGE"
-mkdir -p "$STAGE/ringattn"
-cp "$REPO"/ringattn/*.py "$STAGE/ringattn/"
-shopt -s nullglob
-exts=("$BUILD"/_ext*.so "$BUILD"/_ext*.pyd)
+# stage: the package's .py files and the built extension, importable from $STAGE
+# shellcheck source=benchmarks/stage.sh
+. "$REPO/benchmarks/stage.sh"
+stage_ringattn "$BUILD" "$STAGE" || finish 1
+report_import "$OUT" "$STAGE"
 # the tests that exercise device arrays (the GPU tests, and protocol tests that run anywhere)
+shopt -s nullglob
 device_tests=("$REPO"/tests/test_gpu.py "$REPO"/tests/test_device_*.py "$REPO"/tests/test_intake_*.py
               "$REPO"/tests/test_dlpack_export.py "$REPO"/tests/test_raw_pointers.py
               "$REPO"/tests/test_call_sequence.py "$REPO"/tests/test_bf16_helpers.py)
 shopt -u nullglob
-if [ ${#exts[@]} -lt 1 ]; then
-  say "FAIL: the build has no _ext extension module in $BUILD"
-  finish 1
-fi
-cp "${exts[@]}" "$STAGE/ringattn/"
-export PYTHONPATH="$STAGE${PYTHONPATH:+:$PYTHONPATH}"
-where=$(cd "$OUT" && "$PY" -c "import ringattn, ringattn._ext as e; print(ringattn.__file__, e.have()['cuda'], ringattn.cuda_device_count())" 2>&1)
-say "import: $where"
-case "$where" in
-  "$STAGE"*) ;;
-  *) say "WARNING: ringattn is not imported from the stage ($STAGE); an installed copy may shadow it" ;;
-esac
 ngpu=$(cd "$OUT" && "$PY" -c "import ringattn; print(ringattn.cuda_device_count())" 2>/dev/null || echo 0)
 
 # ------------------------------------------------------------------ C tests

@@ -76,24 +76,10 @@ if [ "${DRY_RUN:-0}" != 1 ] && [ "${SKIP_BUILD:-0}" != 1 ]; then
     exit 1
   fi
   say "build OK"
-  rm -rf "$STAGE"
-  mkdir -p "$STAGE/ringattn"
-  cp "$REPO"/ringattn/*.py "$STAGE/ringattn/"
-  shopt -s nullglob
-  exts=("$BUILD"/_ext*.so)
-  shopt -u nullglob
-  if [ ${#exts[@]} -lt 1 ]; then
-    say "FAIL: the build has no _ext extension module in $BUILD"
-    exit 1
-  fi
-  cp "${exts[@]}" "$STAGE/ringattn/"
-  export PYTHONPATH="$STAGE${PYTHONPATH:+:$PYTHONPATH}"
-  where=$(cd "$OUT" && "$PY" -c "import ringattn; print(ringattn.__file__)" 2>&1)
-  say "import: $where"
-  case "$where" in
-    "$STAGE"*) ;;
-    *) say "WARNING: ringattn is not imported from the stage ($STAGE); an installed copy may shadow it" ;;
-  esac
+  # shellcheck source=benchmarks/stage.sh
+  . "$REPO/benchmarks/stage.sh"
+  stage_ringattn "$BUILD" "$STAGE" || exit 1
+  report_import "$OUT" "$STAGE"
 fi
 
 args=(--out "$OUT" --json "$OUT/nccl.json" --table "$OUT/nccl_table.txt" --budget "$(( $(left) > 15 ? $(left) - 10 : 5 ))")

@@ -12,21 +12,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import ringattn.torch as rt  # noqa: E402
-from reference import multiplicity  # noqa: E402
+from torch_reference import torch_reference  # noqa: E402
 from conftest import RING_TIMEOUT  # noqa: E402
 
 # the layers run rings of 2 and 4 ranks: a deadlocked ring fails within RING_TIMEOUT
 pytestmark = pytest.mark.timeout(RING_TIMEOUT)
 
 
-def torch_reference(q, k, v, segs, rates, causal, mode):
-    b, n, h, d = q.shape
-    M = torch.as_tensor(multiplicity(n, h, segs, rates, causal, mode), dtype=q.dtype)
-    s = torch.einsum("bqhd,bkhd->bhqk", q, k) / d ** 0.5
-    s = s.masked_fill(M == 0, float("-inf"))
-    w = torch.exp(s - s.amax(dim=-1, keepdim=True).clamp_min(-1e30)) * M
-    w = w / w.sum(dim=-1, keepdim=True).clamp_min(1e-300)
-    return torch.einsum("bhqk,bkhd->bqhd", w, v)
 
 
 def grads_of(fn, q, k, v, g):

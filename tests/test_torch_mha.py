@@ -13,20 +13,12 @@ torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 import ringattn  # noqa: E402
 import ringattn.torch as rt  # noqa: E402
-from reference import multiplicity  # noqa: E402
+from torch_reference import torch_reference as attention_reference  # noqa: E402
 from conftest import RING_TIMEOUT  # noqa: E402
 
 pytestmark = pytest.mark.timeout(RING_TIMEOUT)
 
 
-def attention_reference(q, k, v, segs, rates, causal, mode):
-    b, n, h, d = q.shape
-    M = torch.as_tensor(multiplicity(n, h, segs, rates, causal, mode), dtype=q.dtype)
-    s = torch.einsum("bqhd,bkhd->bhqk", q, k) / d ** 0.5
-    s = s.masked_fill(M == 0, float("-inf"))
-    w = torch.exp(s - s.amax(dim=-1, keepdim=True).clamp_min(-1e30)) * M
-    w = w / w.sum(dim=-1, keepdim=True).clamp_min(1e-300)
-    return torch.einsum("bhqk,bkhd->bqhd", w, v)
 
 
 def plain_module(params, x_q, x_k, x_v, num_heads, segs, rates, causal, mode, layer_norm, eps=1e-5):
