@@ -21,16 +21,9 @@
 # SKIP_BENCH=1, PYTEST_ARGS.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
-REPO=$PWD
-OUT=${OUT:-$REPO/gpu_results}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-PY=${PYTHON:-python3}
-PY=$(command -v "$PY" || echo "$PY")
-BUILD=${RINGATTN_GPU_BUILDDIR:-$REPO/build-gpu}
-STAGE=$BUILD/stage
-T0=$(date +%s)
-: >"$OUT/summary.txt"
+# shellcheck source=benchmarks/stage.sh
+. benchmarks/stage.sh
+check_paths gpu_results
 status=0
 
 say() { echo "[gpu_check +$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/summary.txt"; }
@@ -83,8 +76,6 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
 fi
 
 # stage: the package's .py files and the built extension, importable from $STAGE
-# shellcheck source=benchmarks/stage.sh
-. "$REPO/benchmarks/stage.sh"
 stage_ringattn "$BUILD" "$STAGE" || finish 1
 report_import "$OUT" "$STAGE"
 # the tests that exercise device arrays (the GPU tests, and protocol tests that run anywhere)

@@ -28,16 +28,9 @@ if [ -z "${NCCL_CHECK_INNER:-}" ]; then  # the whole check under one timeout
   exec timeout --kill-after=15 "${NCCL_CHECK_BUDGET:-270}" bash "$0" "$@"
 fi
 cd "$(dirname "$0")/.." || exit 1
-REPO=$PWD
-OUT=${OUT:-$REPO/gpu_results/nccl}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-PY=${PYTHON:-python3}
-PY=$(command -v "$PY" || echo "$PY")
-BUILD=${RINGATTN_GPU_BUILDDIR:-$REPO/build-gpu}
-STAGE=$BUILD/stage
-T0=$(date +%s)
-: >"$OUT/summary.txt"
+# shellcheck source=benchmarks/stage.sh
+. benchmarks/stage.sh
+check_paths gpu_results/nccl
 
 say() { echo "[nccl_check +$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/summary.txt"; }
 # seconds left for a step (at least 5: `timeout 0` would mean no limit)
@@ -76,8 +69,6 @@ if [ "${DRY_RUN:-0}" != 1 ] && [ "${SKIP_BUILD:-0}" != 1 ]; then
     exit 1
   fi
   say "build OK"
-  # shellcheck source=benchmarks/stage.sh
-  . "$REPO/benchmarks/stage.sh"
   stage_ringattn "$BUILD" "$STAGE" || exit 1
   report_import "$OUT" "$STAGE"
 fi

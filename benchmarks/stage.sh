@@ -1,4 +1,5 @@
-# stage.sh -- sourced by gpu_check.sh and nccl_check.sh: make the package
+# stage.sh -- sourced by gpu_check.sh and nccl_check.sh: their shared paths,
+# and making the package
 # importable from a build directory without installing it.
 #
 #   stage_ringattn BUILD STAGE     copy ringattn/*.py and the built _ext module
@@ -6,6 +7,23 @@
 #                                  PYTHONPATH; returns 1 (after saying why)
 #                                  when BUILD has no _ext module.
 # Needs REPO and a `say` function from the caller.
+
+# The paths the GPU checks share, from the repository root: REPO, OUT
+# (default $1 under the repository, made absolute), PY, BUILD, STAGE, and T0
+# (the start time); the summary file is emptied.
+check_paths() {
+  REPO=$PWD
+  OUT=${OUT:-$REPO/$1}
+  mkdir -p "$OUT"
+  OUT=$(cd "$OUT" && pwd)
+  PY=${PYTHON:-python3}
+  PY=$(command -v "$PY" || echo "$PY")
+  BUILD=${RINGATTN_GPU_BUILDDIR:-$REPO/build-gpu}
+  STAGE=$BUILD/stage
+  T0=$(date +%s)
+  : >"$OUT/summary.txt"
+}
+
 stage_ringattn() {
   local build=$1 stage=$2 exts
   rm -rf "$stage"
