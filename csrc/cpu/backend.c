@@ -112,7 +112,6 @@ static ra_status cpu_row_dot(void *ctx, const ra_config *c, int64_t L, ra_tensor
   const ra_cpu_backend *cpu = ctx;
   const int64_t H = c->num_heads, d = c->head_dim, rows = c->batch * H * L;
   const size_t es = ra_dtype_size(c->dtype);
-  const int is_half = c->dtype == RA_FLOAT16;
 #pragma omp parallel for num_threads(cpu->threads) schedule(static)
   for (int64_t i = 0; i < rows; i++) {
     const int64_t p = i % L, h = (i / L) % H, bb = i / L / H;
@@ -120,8 +119,8 @@ static ra_status cpu_row_dot(void *ctx, const ra_config *c, int64_t L, ra_tensor
     double sum = 0.0;
     for (int64_t c0 = 0; c0 < d; c0 += 512) {
       const int64_t w = d - c0 < 512 ? d - c0 : 512;
-      ra_load_row(a, (const char *)dout.data + (size_t)(bb * dout.stride_b + p * dout.stride_n + h * dout.stride_h + c0) * es, is_half, w, 1.0f);
-      ra_load_row(b, (const char *)o.data + (size_t)(bb * o.stride_b + p * o.stride_n + h * o.stride_h + c0) * es, is_half, w, 1.0f);
+      ra_load_row(a, (const char *)dout.data + (size_t)(bb * dout.stride_b + p * dout.stride_n + h * dout.stride_h + c0) * es, c->dtype, w, 1.0f);
+      ra_load_row(b, (const char *)o.data + (size_t)(bb * o.stride_b + p * o.stride_n + h * o.stride_h + c0) * es, c->dtype, w, 1.0f);
       for (int64_t x = 0; x < w; x++) sum += (double)a[x] * b[x];
     }
     delta[(bb * H + h) * ld + p] = (float)sum;

@@ -203,7 +203,7 @@ static void load_rows(float *dst, const void *base, int64_t stride, ra_dtype dty
   for (int64_t t = 0; t < total; t++) {
     float *r = dst + t * dp;
     if (t < count && !dead_row(lse, lse_stride, t0 + t)) {
-      ra_load_row(r, (const char *)base + (size_t)((t0 + t) * stride) * es, dtype == RA_FLOAT16,
+      ra_load_row(r, (const char *)base + (size_t)((t0 + t) * stride) * es, dtype,
                   d, mul);
       memset(r + d, 0, sizeof(float) * (size_t)(dp - d));
     } else {
@@ -224,7 +224,7 @@ static void load_cols(float *dst, int64_t ld, const void *base, int64_t stride, 
       const char *src = (const char *)base + (size_t)(t * stride) * es;
       for (int64_t c0 = 0; c0 < d; c0 += 512) {
         int64_t w = d - c0 < 512 ? d - c0 : 512;
-        ra_load_row(chunk, src + (size_t)c0 * es, dtype == RA_FLOAT16, w, mul);
+        ra_load_row(chunk, src + (size_t)c0 * es, dtype, w, mul);
         for (int64_t c = 0; c < w; c++) dst[(c0 + c) * ld + t] = chunk[c];
       }
       for (int64_t c = d; c < dp; c++) dst[c * ld + t] = 0.0f;

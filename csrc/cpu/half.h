@@ -11,6 +11,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "ringattn.h"
+
 #if defined(__F16C__)
 #include <immintrin.h>
 #endif
@@ -46,10 +48,11 @@ static inline uint16_t ra_float_to_half(float f) {
   return sign | (uint16_t)h;
 }
 
-/* dst[i] = float(src[i]) * mul for a row of n values of either dtype. */
-static inline void ra_load_row(float *dst, const void *src, int is_half,
+/* dst[i] = float(src[i]) * mul for a row of n values of `dtype` (fp32 or
+ * fp16; bf16 is not yet supported on the CPU and is refused before here). */
+static inline void ra_load_row(float *dst, const void *src, ra_dtype dtype,
                                int64_t n, float mul) {
-  if (!is_half) {
+  if (dtype == RA_FLOAT32) {
     const float *s = (const float *)src;
     for (int64_t i = 0; i < n; i++) dst[i] = s[i] * mul;
     return;

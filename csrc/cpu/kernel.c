@@ -147,7 +147,7 @@ static void load_queries(ra_workspace *ws, ra_dtype dtype, int64_t d, float mul,
   const size_t es = ra_dtype_size(dtype);
   for (int64_t t = 0; t < q.count; t++)
     ra_load_row(ws->q + t * ws->dp, (const char *)q.ptr + (size_t)(t * q.stride) * es,
-                dtype == RA_FLOAT16, d, mul);
+                dtype, d, mul);
   /* rows past the run up to the 4-row blocking are zero queries */
   for (int64_t t = q.count; t < rows; t++) memset(ws->q + t * ws->dp, 0, sizeof(float) * (size_t)d);
 }
@@ -158,16 +158,15 @@ static void load_tile(ra_workspace *ws, ra_dtype dtype, int64_t d, ra_tokens k,
                       const void *v, int64_t v_stride, int64_t j0, int64_t n) {
   const size_t es = ra_dtype_size(dtype);
   float row[512];
-  const int is_half = dtype == RA_FLOAT16;
   for (int64_t j = 0; j < n; j++) {
     const char *kp = (const char *)k.ptr + (size_t)((j0 + j) * k.stride) * es;
     for (int64_t c0 = 0; c0 < d; c0 += 512) {
       int64_t w = d - c0 < 512 ? d - c0 : 512;
-      ra_load_row(row, kp + (size_t)c0 * es, is_half, w, 1.0f);
+      ra_load_row(row, kp + (size_t)c0 * es, dtype, w, 1.0f);
       for (int64_t c = 0; c < w; c++) ws->kt[(c0 + c) * LD + j] = row[c];
     }
     ra_load_row(ws->v + j * ws->dp, (const char *)v + (size_t)((j0 + j) * v_stride) * es,
-                is_half, d, 1.0f);
+                dtype, d, 1.0f);
   }
   for (int64_t j = n; j < BK; j++) {
     for (int64_t c = 0; c < d; c++) ws->kt[c * LD + j] = 0.0f;

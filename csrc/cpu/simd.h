@@ -54,4 +54,41 @@ static inline v8sf vexp2(v8sf x) {
 #define KEEP_IN_REGISTER(x) ((void)0)
 #endif
 
+/* ------------------------------------------------ the widest vector: vf
+ * VF floats per vector: 16 where the compiler targets AVX-512, 8 otherwise.
+ * Kernels written against vf get the full width of whatever ISA a file is
+ * compiled for (v8sf above stays 8 wide everywhere). */
+#if defined(__AVX512F__)
+#define VF 16
+#else
+#define VF 8
+#endif
+typedef float vf __attribute__((vector_size(VF * 4), aligned(VF * 4)));
+typedef int32_t vfi __attribute__((vector_size(VF * 4), aligned(VF * 4)));
+
+static inline vf vfsplat(float x) { return x - (vf){0}; }
+static inline vfi vfsplati(int32_t x) { return x - (vfi){0}; }
+static inline vf vfselect(vfi mask, vf a, vf b) {
+  return (vf)(((vfi)a & mask) | ((vfi)b & ~mask));
+}
+
+/* vexp2 at width VF (same polynomial, same edge cases). */
+static inline vf vfexp2(vf x) {
+  const vf lo = vfsplat(-125.0f), hi = vfsplat(127.0f), magic = vfsplat(12582912.0f);
+  vfi tiny = x < lo;
+  x = vfselect(tiny, lo, x);
+  x = vfselect(x > hi, hi, x);
+  vf n = (x + magic) - magic;
+  vf f = x - n;
+  vf p = vfsplat(1.5403530393381606e-4f);
+  p = p * f + 1.3333558146428443e-3f;
+  p = p * f + 9.6181291076284772e-3f;
+  p = p * f + 5.5504108664821580e-2f;
+  p = p * f + 2.4022650695910071e-1f;
+  p = p * f + 6.9314718055994531e-1f;
+  p = p * f + 1.0f;
+  vfi bits = (vfi)p + (__builtin_convertvector(n, vfi) << 23);
+  return vfselect(tiny, vfsplat(0.0f), (vf)bits);
+}
+
 #endif /* RINGATTN_SIMD_H */
