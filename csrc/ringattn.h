@@ -223,7 +223,8 @@ ra_status ra_backward(const ra_bwd_params *p);
  * allgather check it (ra_comm_agree_call). */
 typedef enum ra_comm_backend {
   RA_COMM_MPI = 1,
-  RA_COMM_NCCL = 2
+  RA_COMM_NCCL = 2,
+  RA_COMM_EXTERNAL = 3 /* ra_comm_create_external */
 } ra_comm_backend;
 
 /* Nonzero when this build has MPI / NCCL support. */
@@ -255,6 +256,32 @@ ra_status ra_comm_create_nccl(const unsigned char id[RA_NCCL_UNIQUE_ID_BYTES],
  * enters NCCL's initialisation, so a rank that fails early fails them all. */
 ra_status ra_comm_create_nccl_from_mpi(const void *mpi_comm, int device,
                                        double timeout, ra_comm **comm);
+/* A communicator whose bytes move through the caller's functions -- the
+ * Python package's transport over a torch.distributed gloo group.  They
+ * only move bytes; the agreement, the call counter, the broken state and
+ * the messages stay ringattn's.  `call` names the call ("forward (call 3)")
+ * and `waiting_for` what a wait waits for ("to send its ring block"), for
+ * the caller's messages.  A function that fails returns RA_ERR_TRANSPORT
+ * and must not block past the communicator's timeout (ra_comm_timeout;
+ * 0: none); its message is the thread's last error (the core's ra_fail,
+ * csrc/internal.h).  isend/irecv start a transfer and return an op that
+ * wait() finishes exactly once (a receive's
+ * bytes are in its buffer when wait returns RA_OK); with `abandon` set the
+ * call was given up: drop the op without waiting, and never touch its
+ * buffer again.  give_up tells the peers this rank gave up the call (the
+ * FAIL of docs/design.md, "Failure model"); destroy releases ctx.  All
+ * ranks pass the same `id` (nonzero), new for every communicator. */
+typedef struct ra_external_ops {
+  ra_status (*isend)(void *ctx, const void *buf, size_t bytes, int dst, int tag, void **op);
+  ra_status (*irecv)(void *ctx, void *buf, size_t bytes, int src, int tag, void **op);
+  ra_status (*wait)(void *ctx, void *op, int abandon, const char *call, const char *waiting_for);
+  ra_status (*allgather)(void *ctx, const void *send, size_t bytes, void *recv, const char *call,
+                         const char *waiting_for);
+  void (*give_up)(void *ctx, const char *call, const char *why);
+  void (*destroy)(void *ctx);
+} ra_external_ops;
+ra_status ra_comm_create_external(const ra_external_ops *ops, void *ctx, int rank, int world_size,
+                                  uint64_t id, ra_comm **comm);
 void ra_comm_destroy(ra_comm *comm);
 
 int ra_comm_rank(const ra_comm *comm);

@@ -1,4 +1,5 @@
-"""Communicators: one process per rank, over MPI (CPU) or NCCL (GPU)."""
+"""Communicators: one process per rank, over MPI (CPU), NCCL (GPU) or a
+torch.distributed process group (from_torch)."""
 
 import atexit
 import math
@@ -37,12 +38,14 @@ def _mpi_handle(comm):
 
 class Communicator:
     """This process's place in a distributed ring: world_size, rank, backend
-    ("mpi" or "nccl") and device (the CUDA ordinal of an NCCL communicator).
+    ("mpi", "nccl" or "gloo") and device (the CUDA ordinal of an NCCL
+    communicator).
 
     Build one with Communicator.mpi() (CPU processes started by mpirun/srun),
-    Communicator.nccl(unique_id, world_size, rank, device) or
-    Communicator.nccl_from_mpi(device=...).  Creating and closing are
-    collective: every rank must do them, in the same order.  close() while
+    Communicator.nccl(unique_id, world_size, rank, device),
+    Communicator.nccl_from_mpi(device=...) or Communicator.from_torch(group)
+    (a torch.distributed process group, e.g. under torchrun).  Creating and
+    closing are collective: every rank must do them, in the same order.  close() while
     another thread of this process is inside a call on the communicator
     raises RuntimeError (nothing is freed under a running call).
 
@@ -79,6 +82,38 @@ class Communicator:
         seconds = _timeout(timeout)
         self = cls(_ext.comm_mpi(_mpi_handle(comm)))
         _ext.comm_set_timeout(self._handle, seconds)
+        return self
+
+    @classmethod
+    def from_torch(cls, group=None, timeout="default"):
+        """A communicator over the ranks of an initialised torch.distributed
+        process group (the default group for None); collective over it.
+
+        gloo groups: the ring's transfers and the agreement go through
+        torch.distributed on a private gloo group with the same ranks, so a
+        CPU job under torchrun needs no MPI; tensors are CPU tensors, this
+        rank's shards.  NCCL groups: an NCCL communicator on this rank's
+        current CUDA device (torch.cuda.current_device()), its unique id
+        broadcast through the group (not run on a GPU yet).  A group with
+        both (init_process_group() without a backend) gives NCCL.
+        timeout: seconds any wait of a call may last (None: forever); the
+        default is 600 s for gloo, none for NCCL (opt-in, as nccl()).
+        The failure model is the MPI communicator's (docs/design.md): a
+        failure on one rank ends the call on every rank."""
+        from . import _torch_comm
+        _, group = _torch_comm.resolve_group(group)
+        backend = _torch_comm.group_backend(group)
+        if timeout == "default":
+            timeout = DEFAULT_TIMEOUT if backend == "gloo" else None
+        seconds = _timeout(timeout)
+        if backend == "nccl":
+            self = cls(_torch_comm.nccl_communicator(group, seconds))
+        else:
+            rank, size, ident, transport = _torch_comm.gloo_communicator(group)
+            self = cls(_ext.comm_external(transport, rank, size, ident))
+            self.backend = "gloo"
+            _ext.comm_set_timeout(self._handle, seconds)
+        self.group = group
         return self
 
     @property
@@ -169,3 +204,12 @@ def nccl_unique_id():
 # At exit every live communicator tells its peers, so that a peer waiting in
 # a call this process will never make fails at once instead of at its timeout.
 atexit.register(_ext.comm_exiting)
+
+
+def _torch_exiting():
+    import sys
+    if "ringattn._torch_comm" in sys.modules:  # only if from_torch was used
+        sys.modules["ringattn._torch_comm"].exiting()
+
+
+atexit.register(_torch_exiting)

@@ -162,14 +162,15 @@ def placement(tensors, inputs, device, backend=None):
     copied to the GPU and back).  tensors: name -> Tensor; inputs: the names
     that are inputs (the others are outputs given by the caller); device:
     parse_device's value; backend: a communicator's, or None."""
-    if backend is not None and device is not None and device[0] != ("cpu" if backend == "mpi" else "cuda"):
+    on_cpu = backend in ("mpi", "gloo")
+    if backend is not None and device is not None and device[0] != ("cpu" if on_cpu else "cuda"):
         raise ValueError(f"device is {device[0]!r} but the {backend.upper()} communicator runs on the "
-                         f"{'CPU' if backend == 'mpi' else 'GPU'}")
-    if backend == "mpi":
+                         f"{'CPU' if on_cpu else 'GPU'}")
+    if on_cpu:
         for name, t in tensors.items():
             if t.kind == "cuda":
-                raise TypeError(f"{name} is a CUDA array but the MPI communicator runs on the CPU; pass NumPy "
-                                "arrays, or use Communicator.nccl() for GPU arrays")
+                raise TypeError(f"{name} is a CUDA array but the {backend.upper()} communicator runs on the CPU; "
+                                "pass NumPy arrays, or use Communicator.nccl() for GPU arrays")
         return "cpu"
     if backend == "nccl":
         for name, t in tensors.items():

@@ -4,7 +4,7 @@
     o = rt.dilated_attention(q, k, v, [2048, 4096], [1, 2], causal=True)   # q, k, v: torch tensors
     o.sum().backward()                                                      # q.grad, k.grad, v.grad
 
-    layer = rt.RingDilatedAttention([2048, 4096], [1, 2], causal=True, world_size=4)  # or comm=
+    layer = rt.RingDilatedAttention([2048, 4096], [1, 2], causal=True, world_size=4)  # or comm=, process_group=
     o = layer(q, k, v)
 
     mha = rt.MultiheadDilatedAttention(768, 12, [2048, 4096], [1, 2], causal=True, world_size=4)
@@ -23,6 +23,11 @@ has its input's dtype: float32 or float16, also bfloat16 on the GPU, and
 float64 on the CPU only -- computed in double throughout, so that
 torch.autograd.gradcheck works with its default tolerances.  With comm= an
 NCCL communicator takes CUDA tensors and an MPI one CPU tensors.
+
+Under torchrun, process_group= (torch.distributed.group.WORLD, or any group)
+makes each process one rank of the ring without MPI: a gloo group moves the
+ring's blocks through torch.distributed, an NCCL group gets a ringattn NCCL
+communicator (Communicator.from_torch).
 """
 
 import threading
@@ -88,6 +93,23 @@ def _ring(segment_lengths, dilation_rates, causal, mode, scale, world_size, nan_
         with _lock:
             ring = _rings.setdefault(key, ring)
     return ring
+
+
+_group_comms = {}  # id(process group) -> (group, its Communicator): one per group, shared
+
+
+def _communicator(process_group, comm):
+    """comm=, or the Communicator of a torch.distributed process group
+    (Communicator.from_torch, made once per group: collective on first use)."""
+    if process_group is None:
+        return comm
+    if comm is not None:
+        raise ValueError("pass process_group= or comm=, not both")
+    entry = _group_comms.get(id(process_group))
+    if entry is None or entry[0] is not process_group or entry[1]._handle is None:
+        entry = (process_group, Communicator.from_torch(process_group))
+        _group_comms[id(process_group)] = entry
+    return entry[1]
 
 
 def _lse_dtype(q):
@@ -176,14 +198,17 @@ class RingDilatedAttention(torch.nn.Module):
 
     Arguments are those of ringattn.RingDilatedAttention (world_size for
     in-process ranks, or comm= for one process per rank, in which case q, k,
-    v are this rank's shards).  last_stats is the ring's, per rank, of the
+    v are this rank's shards), and process_group= (a torch.distributed
+    process group: one process per rank through Communicator.from_torch,
+    made once per group, collectively, here).  last_stats is the ring's, per rank, of the
     calling thread's last forward or backward with this configuration: like
     ringattn.RingDilatedAttention, one module may run in several threads at
     once (each call keeps its own saved tensors for the backward)."""
 
-    def __init__(self, segment_lengths, dilation_rates, **kwargs):
+    def __init__(self, segment_lengths, dilation_rates, *, process_group=None, comm=None, **kwargs):
         super().__init__()
-        self.ring = _api.RingDilatedAttention(segment_lengths, dilation_rates, **kwargs)
+        comm = _communicator(process_group, comm)
+        self.ring = _api.RingDilatedAttention(segment_lengths, dilation_rates, comm=comm, **kwargs)
         self._config = _config(self.ring)
 
     @property
@@ -195,10 +220,12 @@ class RingDilatedAttention(torch.nn.Module):
 
 
 def dilated_attention(q, k, v, segment_lengths, dilation_rates, *, causal=False, mode="groups", scale=None,
-                      world_size=None, nan_policy="raise", num_threads=None, comm=None, device=None):
+                      world_size=None, nan_policy="raise", num_threads=None, comm=None, device=None,
+                      process_group=None):
     """ringattn.dilated_attention for torch tensors, differentiable; the
     keyword arguments are those of ringattn.RingDilatedAttention (world_size
-    in-process ranks, or comm= and this rank's shards)."""
+    in-process ranks, or comm= / process_group= and this rank's shards)."""
+    comm = _communicator(process_group, comm)
     if not torch.compiler.is_compiling():  # eager: every rule checked now, by the ring's constructor
         ring = _api.RingDilatedAttention(segment_lengths, dilation_rates, causal=causal, mode=mode, scale=scale,
                                          world_size=world_size, nan_policy=nan_policy, num_threads=num_threads,
@@ -226,8 +253,10 @@ class MultiheadDilatedAttention(torch.nn.Module):
     torch.nn.MultiheadAttention with need_weights=False.
 
     world_size=k runs k ranks in this process on full-length inputs;
-    comm= (a ringattn.Communicator) makes this process one rank, and
-    query/key/value are then this rank's shard of the sequence.
+    process_group= (a torch.distributed process group, e.g. torchrun's
+    default group: torch.distributed.group.WORLD) or comm= (a
+    ringattn.Communicator) makes this process one rank, and query/key/value
+    are then this rank's shard of the sequence.
     Initialisation (fkodom's dilated-attention-pytorch, MAGNETO with
     gamma 1): xavier_normal_ weights, zero biases.
     """
@@ -246,10 +275,7 @@ class MultiheadDilatedAttention(torch.nn.Module):
             raise NotImplementedError(
                 f"num_kv_heads={num_kv_heads} != num_heads={num_heads}: grouped-query attention is not "
                 "supported by the ringattn core yet; use num_kv_heads=None")
-        if process_group is not None:
-            raise NotImplementedError(
-                "process_group= is not available yet (Communicator.from_torch is planned); pass comm= "
-                "(a ringattn.Communicator, e.g. Communicator.mpi() or Communicator.nccl(...)) instead")
+        comm = _communicator(process_group, comm)
         if comm is not None and not isinstance(comm, Communicator):
             raise TypeError(f"comm must be a ringattn.Communicator, got {type(comm).__name__}")
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads

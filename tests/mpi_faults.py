@@ -1,5 +1,7 @@
 """Fault scenarios run by tests/test_mpi_faults.py under
-`mpirun -n K python tests/mpi_faults.py SCENARIO [TIMEOUT] [--mpi4py]`.
+`mpirun -n K python tests/mpi_faults.py SCENARIO [TIMEOUT] [--mpi4py]`, and by
+tests/test_torch_dist.py under `torchrun --nproc_per_node K ... --torch` (a
+communicator over a gloo process group, Communicator.from_torch).
 
 One rank misbehaves -- raises, exits, runs out of memory, calls another
 operation, makes a call fewer, sleeps past the timeout, dies or fails inside
@@ -29,7 +31,12 @@ import ringattn
 SCENARIO = sys.argv[1]
 TIMEOUT = float(sys.argv[2]) if len(sys.argv) > 2 else 600.0
 
-if "--mpi4py" in sys.argv:  # mpi4py initialises (and finalizes) MPI, not ringattn
+if "--torch" in sys.argv:  # under torchrun: a communicator over a gloo process group (test_torch_dist.py)
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    comm = ringattn.Communicator.from_torch(timeout=TIMEOUT)
+elif "--mpi4py" in sys.argv:  # mpi4py initialises (and finalizes) MPI, not ringattn
     from mpi4py import MPI
     comm = ringattn.Communicator.mpi(MPI.COMM_WORLD, timeout=TIMEOUT)
 else:

@@ -78,7 +78,10 @@ static ra_status check_call(const ra_call *call) {
   if (f->lse) RA_TRY(check_lse(call));
   if (f->comm && f->comm->device_type != f->device_type)
     return ra_fail(RA_ERR_UNSUPPORTED, "the %s communicator computes on the %s but the tensors are %s memory",
-                   f->comm->kind == RA_COMM_MPI ? "MPI" : "NCCL", device_name(f->comm->device_type),
+                   f->comm->kind == RA_COMM_MPI    ? "MPI"
+                   : f->comm->kind == RA_COMM_NCCL ? "NCCL"
+                                                   : f->comm->transport.ops->name,
+                   device_name(f->comm->device_type),
                    f->device_type == RA_DEVICE_CUDA ? "CUDA device" : "host");
   if (f->comm && f->comm->device_type == RA_DEVICE_CUDA && f->exec.device != f->comm->device)
     return ra_fail(RA_ERR_INVALID_ARGUMENT, "q is on cuda:%d but the communicator is on cuda:%d", f->exec.device,

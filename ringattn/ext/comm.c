@@ -37,6 +37,8 @@ static PyObject *wrap(ra_status st, ra_comm *comm) {
   return capsule;
 }
 
+PyObject *ext_comm_wrap(ra_comm *comm) { return wrap(RA_OK, comm); }
+
 ext_comm *ext_comm_get(PyObject *capsule) {
   if (PyCapsule_IsValid(capsule, CLOSED_NAME)) {
     PyErr_SetString(PyExc_ValueError, "comm has been closed");
@@ -184,7 +186,10 @@ static PyObject *py_comm_info(PyObject *self, PyObject *capsule) {
   ext_comm *c = ext_comm_get(capsule);
   if (!c) return NULL;
   return Py_BuildValue("(iisi)", ra_comm_rank(c->comm), ra_comm_size(c->comm),
-                       ra_comm_kind(c->comm) == RA_COMM_MPI ? "mpi" : "nccl", ra_comm_device(c->comm));
+                       ra_comm_kind(c->comm) == RA_COMM_MPI    ? "mpi"
+                       : ra_comm_kind(c->comm) == RA_COMM_NCCL ? "nccl"
+                                                               : "external",
+                       ra_comm_device(c->comm));
 }
 
 static PyObject *py_comm_close(PyObject *self, PyObject *capsule) {
@@ -299,7 +304,7 @@ PyMethodDef ext_comm_methods[] = {
     {"comm_nccl_from_mpi", py_comm_nccl_from_mpi, METH_VARARGS,
      "comm_nccl_from_mpi(address|None, device, timeout=0): NCCL communicator whose id is shared over MPI."},
     {"nccl_unique_id", py_nccl_unique_id, METH_NOARGS, "A fresh NCCL unique id (bytes)."},
-    {"comm_info", py_comm_info, METH_O, "comm_info(c) -> (rank, world_size, 'mpi'|'nccl', device)."},
+    {"comm_info", py_comm_info, METH_O, "comm_info(c) -> (rank, world_size, 'mpi'|'nccl'|'external', device)."},
     {"comm_close", py_comm_close, METH_O, "comm_close(c): destroy a communicator (collective)."},
     {"comm_fail", py_comm_fail, METH_VARARGS,
      "comm_fail(c, message, kind, op): this rank refuses the call `op` ('forward', 'backward', 'gather');\n"

@@ -6,6 +6,7 @@
  * export.c   DLPack export (to_dlpack)
  * call.c     the configuration reader, plan() and run()
  * comm.c     communicators
+ * pycomm.c   communicators whose transport is a Python object (torch.distributed)
  * cuda.c     the CUDA runtime helpers (through the core's ra_cuda_*)
  *
  * Only intake.c includes NumPy's header (and so imports its C API).
@@ -95,6 +96,9 @@ typedef struct ext_comm {
   int busy; /* calls running with the GIL released; comm_close refuses meanwhile */
 } ext_comm;
 
+/* A new communicator as a capsule (which owns it from now on). */
+PyObject *ext_comm_wrap(ra_comm *comm);
+
 /* The communicator of a capsule; NULL (with an exception) once closed. */
 ext_comm *ext_comm_get(PyObject *capsule);
 
@@ -111,6 +115,7 @@ extern PyMethodDef ext_intake_methods[];
 extern PyMethodDef ext_export_methods[];
 extern PyMethodDef ext_call_methods[];
 extern PyMethodDef ext_comm_methods[];
+extern PyMethodDef ext_pycomm_methods[];
 extern PyMethodDef ext_cuda_methods[];
 
 #endif /* RINGATTN_EXT_H */

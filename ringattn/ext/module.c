@@ -131,7 +131,7 @@ static int add_constants(PyObject *m) {
 
 static int add_functions(PyObject *m) {
   PyMethodDef *tables[] = {ext_intake_methods, ext_export_methods, ext_call_methods, ext_comm_methods,
-                           ext_cuda_methods};
+                           ext_pycomm_methods, ext_cuda_methods};
   for (size_t i = 0; i < sizeof tables / sizeof tables[0]; i++)
     if (PyModule_AddFunctions(m, tables[i]) < 0) return -1;
   return 0;
