@@ -33,7 +33,16 @@ struct ra_plan {
   ra_branch_info branch[RA_MAX_BRANCHES];
   /* offset[i * num_heads + h]: offset of head h in branch i, -1 if unused */
   int64_t *offset;
+  int refs; /* holders of a cached plan (the cache is one); 0: not cached */
 };
+
+/* The plan of `cfg` from a small process-wide cache (thread-safe, bounded,
+ * least recently used out): a call whose shapes and configuration repeat
+ * does not build it again.  On a miss it is built by ra_plan_create, whose
+ * failure it returns.  The plan is shared and immutable: give it back
+ * with ra_plan_release. */
+ra_status ra_plan_acquire(const ra_config *cfg, const ra_plan **plan);
+void ra_plan_release(const ra_plan *plan);
 
 /* The active tokens of one cell inside a window of positions: those p in
  * [start, start + len) with ((p mod S) mod r) == off.  The window never
@@ -86,6 +95,10 @@ int ra_max_num_threads(void);
 /* The thread count a call runs with: `requested`, or the default when it
  * is <= 0, clamped to ra_max_num_threads(). */
 int ra_resolve_num_threads(int requested);
+/* Nonzero when a call's thread count was chosen by someone: `requested` > 0
+ * or RINGATTN_NUM_THREADS set.  Otherwise the entry point may use fewer
+ * threads than the default for a call too small to share (entry.c). */
+int ra_num_threads_explicit(int requested);
 
 /* ----------------------------------------------------------------- memory */
 

@@ -55,7 +55,7 @@ const char *ra_last_error(void);
 typedef enum ra_dtype {
   RA_FLOAT32 = 0,
   RA_FLOAT16 = 1,
-  RA_BFLOAT16 = 2, /* CUDA backend only */
+  RA_BFLOAT16 = 2,
   RA_FLOAT64 = 3   /* CPU backend only  */
 } ra_dtype;
 
@@ -146,10 +146,30 @@ typedef enum ra_kernel {
   RA_KERNEL_SIMT = 1  /* CUDA: the generic SIMT kernels only (testing)          */
 } ra_kernel;
 
+/* The instruction set of the CPU kernels (ra_exec.cpu_isa).  The hot CPU
+ * kernels are compiled once per ISA (x86-64: baseline, AVX2+FMA, AVX-512;
+ * baseline only elsewhere) and a call picks one at run time.  Asking for one
+ * that this build lacks or this CPU cannot run fails (RA_ERR_UNSUPPORTED). */
+typedef enum ra_cpu_isa {
+  RA_CPU_ISA_INVALID = -1, /* an unknown RINGATTN_CPU_ISA: calls on the CPU fail */
+  RA_CPU_ISA_AUTO = 0,     /* the widest this CPU runs                          */
+  RA_CPU_ISA_BASELINE = 1, /* the build's baseline (x86-64 SSE2; NEON on arm64)  */
+  RA_CPU_ISA_AVX2 = 2,     /* AVX2 + FMA + F16C (x86-64-v3)                      */
+  RA_CPU_ISA_AVX512 = 3    /* AVX-512 F, BW, DQ, VL (x86-64-v4)                  */
+} ra_cpu_isa;
+
+/* "auto", "baseline", "avx2", "avx512"; NULL for other values. */
+const char *ra_cpu_isa_name(ra_cpu_isa isa);
+/* Nonzero when this build has the kernels of `isa` / and this CPU runs them. */
+int ra_cpu_isa_compiled(ra_cpu_isa isa);
+int ra_cpu_isa_supported(ra_cpu_isa isa);
+/* RA_CPU_ISA_AUTO: the widest ISA this build and CPU run; others unchanged. */
+ra_cpu_isa ra_cpu_isa_resolve(ra_cpu_isa isa);
+
 /* How a call runs, as opposed to what it computes.  ra_exec_default()
  * takes the defaults from the environment, read once per process (and
  * nowhere else): RINGATTN_NUM_THREADS, RINGATTN_CUDA_KERNEL=simt,
- * RINGATTN_DETERMINISTIC=1. */
+ * RINGATTN_DETERMINISTIC=1, RINGATTN_CPU_ISA=auto|baseline|avx2|avx512. */
 typedef struct ra_exec {
   int num_threads;   /* CPU threads for the whole call; <= 0: the default;
                       * at most 4 x the online cores are used (clamped)     */
@@ -160,6 +180,7 @@ typedef struct ra_exec {
   void *stream;      /* CUDA: the cudaStream_t the inputs are ready on (NULL:
                       * the legacy default stream); the call returns once its
                       * outputs are written */
+  ra_cpu_isa cpu_isa; /* CPU kernels' instruction set (RA_CPU_ISA_AUTO)      */
 } ra_exec;
 
 ra_exec ra_exec_default(void);

@@ -15,7 +15,7 @@ if _util.find_spec(__name__ + "._ext") is None:  # a source checkout, see _check
 
     _load_installed(__name__, __file__)
 else:
-    from ._ext import RingAttnError, cuda_device_count
+    from ._ext import RingAttnError, cpu_isa, cuda_device_count
     from ._comm import Communicator, nccl_unique_id
     from ._api import (
         RingDilatedAttention,
@@ -36,6 +36,7 @@ else:
         "DeviceArray",
         "RingAttnError",
         "RingDilatedAttention",
+        "cpu_isa",
         "cuda_device_count",
         "cuda_forward_ptr",
         "dilated_attention",

@@ -30,7 +30,9 @@ def get_num_threads():
 
 def _with_threads(cfg):
     """cfg with the thread count a call uses (its own, else the global one)."""
-    return cfg._replace(num_threads=cfg.num_threads or _threads["n"])
+    if cfg.num_threads or not _threads["n"]:
+        return cfg
+    return cfg._replace(num_threads=_threads["n"])
 
 
 def dilated_attention(q, k, v, segment_lengths, dilation_rates, *, causal=False, mode="groups",
@@ -41,9 +43,10 @@ def dilated_attention(q, k, v, segment_lengths, dilation_rates, *, causal=False,
     segment_lengths / dilation_rates give the branches (s_i, r_i); mode is
     "groups" (heads split among branches) or "longnet" (every head in every
     branch, combined by softmax denominators).  segment_lengths=[n],
-    dilation_rates=[1] is plain attention.  Inputs are float32 or float16,
-    computed in float32, float64 (CPU only), computed in double throughout,
-    or bfloat16 (GPU only); the output has the input's dtype.  With
+    dilation_rates=[1] is plain attention.  Inputs are float32, float16 or
+    bfloat16 (ml_dtypes' on NumPy; torch's over DLPack), computed in
+    float32, or float64 (CPU only), computed in double throughout; the
+    output has the input's dtype.  With
     return_lse=True the log-sum-exp of every row, (batch, heads, seq), is
     returned as well (-inf where a query attends to nothing): float32, or
     float64 for float64 inputs.
@@ -177,13 +180,13 @@ class RingDilatedAttention:
             raise error
         return self._backward(state.saved, dout)
 
-    def _backward(self, saved, dout):
+    def _backward(self, saved, dout, grads=None):
         """backward() of a given forward, saved = (q, k, v, o, lse), from any
         thread (ringattn.torch: autograd may run the backward on a thread of
-        its own)."""
+        its own); grads: (dq, dk, dv) arrays to write, or None."""
         q, k, v, o, lse = saved
-        grads, stats = _call.backward(_with_threads(self._cfg), q, k, v, o, lse, dout, device=self.device,
-                                      comm=self.comm)
+        grads, stats = _call.backward(_with_threads(self._cfg), q, k, v, o, lse, dout, grads=grads,
+                                      device=self.device, comm=self.comm)
         self._state.last_stats = _call.stats_by_key(stats)
         return grads
 

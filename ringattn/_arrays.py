@@ -38,7 +38,7 @@ _DLPACK_HOST = (KDL_CPU, KDL_CUDA_HOST)
 LEGACY_STREAM = 1
 
 GPU_DTYPES = ("float32", "float16", "bfloat16")
-CPU_DTYPES = ("float32", "float16", "float64")
+CPU_DTYPES = ("float32", "float16", "bfloat16", "float64")
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
 
@@ -165,6 +165,8 @@ def describe_all(objs):
     arguments are read first, since they may name a stream; DLPack producers
     are then asked for their data on it.  On failure every Tensor made so far
     is released."""
+    if all(type(obj) is np.ndarray and obj.dtype.isnative for obj in objs.values()):
+        return describe_numpy(objs)  # the common case: nothing offers a stream
     tensors = {}
     try:
         later = []
@@ -180,6 +182,18 @@ def describe_all(objs):
         release_all(tensors)
         raise
     return {name: tensors[name] for name in objs}
+
+
+def describe_numpy(objs):
+    """describe_all for NumPy arrays only."""
+    tensors = {}
+    try:
+        for name, obj in objs.items():
+            tensors[name] = _ext.intake(obj, name)
+    except BaseException:
+        release_all(tensors)
+        raise
+    return tensors
 
 
 def choose_stream(tensors):
@@ -217,6 +231,22 @@ def dtype_name(x, allowed=GPU_DTYPES):
         elif dt in (np.float32, np.float16, np.float64):
             name = dt.name
     return name if name in allowed else None
+
+
+def host_dtype(name, like=None):
+    """The NumPy dtype of a host array of dtype `name`: the dtype of `like`
+    (a host Tensor's NumPy array) when it is one, else NumPy's; bfloat16
+    is ml_dtypes' (TypeError when ml_dtypes is not installed)."""
+    if like is not None and isinstance(like.obj, np.ndarray):
+        return like.obj.dtype
+    if name != "bfloat16":
+        return np.dtype(name)
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise TypeError("a bfloat16 result on the host is a NumPy array of ml_dtypes.bfloat16: pip install "
+                        "ml_dtypes, or pass out= (ringattn.torch does)") from None
+    return np.dtype(ml_dtypes.bfloat16)
 
 
 def int_tuple(values, what):

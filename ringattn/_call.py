@@ -6,10 +6,11 @@ addresses (cuda_forward_ptr) and communicators (MPI, NCCL) -- all go
 through _Call.run:
 
 1. intake every argument (``_arrays.describe_all``: ``_ext.Tensor``s);
-2. decide where the call runs and apply every rule (``_validate``): the
-   tensor rules, outputs that overlap inputs, then the plan's rules, then --
-   on the GPU -- the device;
-   NumPy layouts the core cannot read are copied once;
+2. decide where the call runs and apply every rule once: on the CPU
+   ``_ext.run`` applies the tensor rules and the plan's (here: only outputs
+   that overlap inputs, and NumPy layouts the core cannot read, copied
+   once); on the GPU ``_validate`` applies them before anything is copied
+   or allocated there, then the device's;
 3. copy host arrays to the GPU (device="cuda"), allocate the outputs
    (NumPy arrays or DeviceArrays), order the streams;
 4. ``_ext.run(...)``, which returns when the outputs are written;
@@ -43,10 +44,11 @@ def forward(cfg, q, k, v, *, out=None, lse_out=None, return_lse=False, device=No
     return (result if return_lse else result[0]), stats
 
 
-def backward(cfg, q, k, v, o, lse, dout, *, device=None, comm=None):
-    """((dq, dk, dv), stats)."""
+def backward(cfg, q, k, v, o, lse, dout, *, grads=None, device=None, comm=None):
+    """((dq, dk, dv), stats); grads: the caller's (dq, dk, dv) to write, or None."""
     inputs = dict(zip(BACKWARD_INPUTS, (q, k, v, o, lse, dout)))
-    return _Call(cfg, True, inputs, {}, device, comm).run()
+    outputs = {} if grads is None else dict(zip(("dq", "dk", "dv"), grads))
+    return _Call(cfg, True, inputs, outputs, device, comm).run()
 
 
 def stats_by_key(stats):
@@ -90,8 +92,13 @@ class _Call:
         self.tensors.update(_arrays.describe_all(objs))
         where = check.placement(self.tensors, inputs, dev, backend)
         on = "cpu" if where == "cpu" else "cuda"
-        copies = check.arguments(self.tensors, inputs, outputs, on, host_copied=(where == "host"))
-        check.no_overlap(self.tensors, inputs, outputs, self.in_place)  # the caller's arrays, before any copy
+        if on == "cpu":  # _ext.run applies the tensor rules and the plan's, once
+            check.query_shape(self.tensors["q"])  # what _allocate needs
+            copies = check.host_copies(self.tensors, inputs)
+        else:  # before anything is copied to or allocated on a GPU
+            copies = check.arguments(self.tensors, inputs, outputs, on, host_copied=(where == "host"))
+        if outputs:
+            check.no_overlap(self.tensors, inputs, outputs, self.in_place)  # the caller's arrays, before any copy
         requested = [("the requested device", dev[1] if dev is not None else None)]
         if backend == "nccl":
             requested.append(("the communicator's device", comm.device if comm.device >= 0 else None))
@@ -100,7 +107,8 @@ class _Call:
         for name in copies:  # NumPy layouts the core cannot read: copied once
             self._replace(name, check.copy_for_core(self.tensors[name]))
         q = self.tensors["q"]
-        check.plan_rules(cfg, q.shape, 1 if comm is None else comm.world_size)
+        if on == "cuda":
+            check.plan_rules(cfg, q.shape, 1 if comm is None else comm.world_size)
         device = -1
         if on == "cuda":
             _arrays.require_gpu()
@@ -111,9 +119,11 @@ class _Call:
         if where == "host":
             self._copy_in(device)
         self._allocate(on, device, return_lse)
-        stream, others = _arrays.choose_stream(self.tensors.values())
-        for s in others:  # arguments ready on other streams: wait for them first
-            _ext.synchronize(s, device)
+        stream = None
+        if on == "cuda":
+            stream, others = _arrays.choose_stream(self.tensors.values())
+            for s in others:  # arguments ready on other streams: wait for them first
+                _ext.synchronize(s, device)
         t = self.tensors
         return dict(backward=self.backward, q=t["q"], k=t["k"], v=t["v"], o=t["o" if self.backward else "out"],
                     lse=t.get("lse"), dout=t.get("dout"), dq=t.get("dq"), dk=t.get("dk"), dv=t.get("dv"),
@@ -158,7 +168,10 @@ class _Call:
         for name, shape, dtype in wanted:
             if name in self.tensors:
                 continue
-            obj = np.empty(shape, dtype) if on == "cpu" else DeviceArray(shape, dtype, device)
+            if on == "cpu":
+                obj = np.empty(shape, _arrays.host_dtype(dtype, q if dtype == q.dtype else None))
+            else:
+                obj = DeviceArray(shape, dtype, device)
             self.made[name] = obj
             self.tensors[name] = _arrays.describe(obj, name)
 

@@ -4,9 +4,11 @@ Each rule raises a TypeError or ValueError whose message starts with the
 argument's name.  Configuration rules read Python values; tensor rules read
 the ``_ext.Tensor`` descriptions that ``_ext.intake`` makes of the arrays.
 The plan's own rules (divisibility, branch limits, head counts) live in the
-C core: ``plan_rules`` asks it before anything is allocated.  The C
-extension checks again only what protects memory (shapes, strides,
-alignment, writability), so nothing that passes here can crash it.
+C core.  A CPU call leaves the tensor rules and the plan's to ``_ext.run``
+(ext/call.c), which applies each once with the same messages; a GPU call
+applies them here (``arguments``, ``plan_rules``) before anything is copied
+to or allocated on the device, and ``_ext.run`` checks again what protects
+memory.
 """
 
 import math
@@ -45,6 +47,8 @@ def config(segment_lengths, dilation_rates, causal=False, mode_="groups", scale_
 
 
 def int_list(values, name):
+    if type(values) in (list, tuple) and values and all(type(x) is int and x >= 1 for x in values):
+        return list(values)  # the common case, without the checks below
     if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
         raise TypeError(f"{name} must be a sequence of integers, got {type(values).__name__}")
     out = []
@@ -87,6 +91,8 @@ def scale(value):
 
 
 def positive_int(value, name):
+    if type(value) is int and value >= 1:
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {value!r}")
     if value < 1:
@@ -282,6 +288,17 @@ def lse(t, q, ranks_shape):
                         f"result), got {t.dtype}")
     if t.shape != ranks_shape:
         raise ValueError(f"{t.name} must have shape {ranks_shape} (batch, heads, seq), got {t.shape}")
+
+
+def query_shape(q):
+    """q's shape is a (b, n, h, d) the outputs can be allocated from."""
+    _shape(q)
+
+
+def host_copies(tensors, inputs):
+    """A CPU call's host inputs whose layout the core cannot read: copied
+    once (every other rule is _ext.run's)."""
+    return [name for name in inputs if not tensors[name].in_place]
 
 
 def arguments(tensors, inputs, outputs, on, host_copied=False):

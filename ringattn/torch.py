@@ -14,13 +14,13 @@
 The forward and backward are torch.library custom ops
 (torch.ops.ringattn.dilated_attention / dilated_attention_backward) with fake
 (meta) implementations and registered autograd, so torch.compile traces
-through them.  Tensors cross into the C core without copies: CPU tensors
-through DLPack to NumPy and back, CUDA tensors through DLPack to the GPU
-kernels, whose results (ringattn.DeviceArray) come back as torch tensors over
-DLPack (a tensor whose head dimension is not contiguous is copied once).  The
+through them.  Tensors cross into the C core without copies, through DLPack: CPU
+results are written into torch tensors allocated here, CUDA results
+(ringattn.DeviceArray) come back as torch tensors over DLPack (a tensor
+whose head dimension is not contiguous is copied once).  The
 gradients are ringattn's exact flash-style backward through the ring; each
-has its input's dtype: float32 or float16, also bfloat16 on the GPU, and
-float64 on the CPU only -- computed in double throughout, so that
+has its input's dtype: float32, float16 or bfloat16 (computed in float32),
+and float64 on the CPU only -- computed in double throughout, so that
 torch.autograd.gradcheck works with its default tolerances.  With comm= an
 NCCL communicator takes CUDA tensors and an MPI one CPU tensors.
 
@@ -33,7 +33,6 @@ communicator (Communicator.from_torch).
 import threading
 from typing import List, Optional, Tuple
 
-import numpy as np
 import torch
 
 from . import _api
@@ -43,22 +42,28 @@ __all__ = ["MultiheadDilatedAttention", "RingDilatedAttention", "dilated_attenti
 
 
 def _arg(t, name):
-    """What ringattn takes for a tensor: a NumPy view of a CPU tensor, the
-    (detached) tensor itself on CUDA."""
+    """What ringattn takes for a tensor: the detached tensor itself, read
+    over DLPack without a copy (CPU tensors of every dtype, bfloat16 too)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     t = t.detach()
     if t.dim() == 4 and t.stride(-1) != 1:
         t = t.contiguous()  # e.g. the expanded ones of loss.sum()
-    if t.device.type == "cuda":
-        return t
-    if t.device.type != "cpu":
+    if t.device.type not in ("cpu", "cuda"):
         raise TypeError(f"{name} is on {t.device}: ringattn runs on CPU and CUDA tensors")
-    return np.from_dlpack(t)  # zero-copy view of the tensor's memory
+    return t
 
 
 def _tensor(x):
-    return torch.from_dlpack(x)
+    return x if isinstance(x, torch.Tensor) else torch.from_dlpack(x)
+
+
+def _outputs(like, count):
+    """Output tensors for a CPU call (written by the core over DLPack), or
+    None on CUDA (ringattn allocates device arrays there)."""
+    if like.device.type != "cpu":
+        return None
+    return tuple(torch.empty(like.shape, dtype=like.dtype) for _ in range(count))
 
 
 # ------------------------------------------------------------------ rings by key
@@ -126,7 +131,8 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_lengt
     ring = _ring(segment_lengths, dilation_rates, causal, mode, scale, world_size, nan_policy, num_threads,
                  comm_id, device)
     qn, kn, vn = (_arg(t, n) for t, n in ((q, "q"), (k, "k"), (v, "v")))
-    o, lse = ring(qn, kn, vn, return_lse=True)
+    out = _outputs(qn, 1)
+    o, lse = ring(qn, kn, vn, return_lse=True, out=None if out is None else out[0])
     return _tensor(o).contiguous(), _tensor(lse).contiguous()
 
 
@@ -147,7 +153,7 @@ def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Ten
                  comm_id, device)
     saved = tuple(_arg(t, n) for t, n in ((q, "q"), (k, "k"), (v, "v"), (o, "o"), (lse, "lse")))
     g = _arg(grad_out, "grad_output")
-    dq, dk, dv = ring._backward(saved, g)
+    dq, dk, dv = ring._backward(saved, g, grads=_outputs(saved[0], 3))
     return _tensor(dq).contiguous(), _tensor(dk).contiguous(), _tensor(dv).contiguous()
 
 

@@ -43,25 +43,30 @@ def _pad16(d):
 
 
 def forward_workspace_bytes(d, dtype):
-    """ra_workspace_bytes (kernel.c), or ra_f64_workspace_bytes (double.c)."""
+    """ra_workspace_bytes (kernel.c, of the ISA variant a default call runs:
+    ringattn.cpu_isa()), or ra_f64_workspace_bytes (double.c)."""
     if np.dtype(dtype) == np.float64:
         return 8 * d
-    dp, BQ, BK, LD = _pad16(d), 256, 64, 64 + 16
-    floats = BQ * dp * 2 + dp * LD + BK * dp + BQ * LD + 3 * BQ
-    struct = 8 + 8 * 8  # int64_t dp; eight float pointers
-    return struct + 64 + floats * 4 + 8 * 64
+    import ringattn
+
+    QB = 64 if ringattn.cpu_isa()["selected"] == "avx512" else 16  # queries per micro-tile (micro.h)
+    BQ, BK = 256, 96
+    ld = _pad16(d) if _pad16(d) // 16 % 2 else _pad16(d) + 16  # row_stride: an odd number of lines
+    floats = 2 * BQ * d + BK * QB + 2 * BK * ld + d + 3 * BQ
+    struct = 2 * 8 + 9 * 8  # int64_t d, ld; nine float pointers
+    return struct + 64 + floats * 4 + 9 * 64
 
 
 def backward_workspace_bytes(d, dtype):
     """ra_bwd_workspace_bytes (backward.c); the float64 backward has none."""
     if np.dtype(dtype) == np.float64:
         return 0
-    dp, KB, QB, TILE = _pad16(d), 128, 128, 64
-    KLD, QLD = KB + 16, QB + 16
-    kv = 2 * KLD * dp + 2 * KB * dp + 2 * TILE * dp + 2 * TILE * KLD + 2 * TILE
-    qq = 2 * QLD * dp + QB * dp + 2 * TILE * dp + 2 * TILE * QLD + 2 * QB
-    struct = 8 + 10 * 8 + 9 * 8  # int64_t dp; ten and nine float pointers
-    return (struct + 63) // 64 * 64 + max(kv, qq) * 4 + 10 * 64
+    dp, KB, QT = _pad16(d), 64, 64
+    QC = min(512, max(QT, 32768 // dp // QT * QT))  # chunk_rows(dp)
+    QLD = QC + 16
+    floats = 3 * QC * dp + 2 * dp * QLD + 2 * QC + 4 * KB * dp + 2 * KB * QT + KB
+    struct = 3 * 8 + 14 * 8  # int64_t dp, qc, qld; fourteen buffer pointers
+    return (struct + 63) // 64 * 64 + floats * 4
 
 
 def _branches(n, h, segs, rates, mode):

@@ -6,6 +6,7 @@
  * field as the Python API spells it.
  */
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -207,4 +208,82 @@ ra_status ra_plan_branch(const ra_plan *plan, int branch, ra_branch_info *info) 
 int64_t ra_plan_head_offset(const ra_plan *plan, int branch, int64_t head) {
   if (branch < 0 || branch >= plan->cfg.num_branches || head < 0 || head >= plan->cfg.num_heads) return -1;
   return plan->offset[branch * plan->cfg.num_heads + head];
+}
+
+/* ------------------------------------------------------------ plan cache */
+
+#define PLAN_CACHE_SLOTS 16
+
+/* The cache keys plans by the configuration as the caller gave it (scale
+ * unresolved).  Each slot holds one reference; a plan evicted while a call
+ * uses it is destroyed by that call's release. */
+static struct {
+  pthread_mutex_t lock;
+  uint64_t clock;
+  struct {
+    ra_config key;
+    ra_plan *plan;
+    uint64_t used;
+  } slot[PLAN_CACHE_SLOTS];
+} cache = {PTHREAD_MUTEX_INITIALIZER, 0, {{{0}, NULL, 0}}};
+
+static pthread_once_t cache_once = PTHREAD_ONCE_INIT;
+
+/* fork() while another thread holds the lock must not leave the child's
+ * copy locked forever. */
+static void cache_lock(void) { pthread_mutex_lock(&cache.lock); }
+static void cache_unlock(void) { pthread_mutex_unlock(&cache.lock); }
+static void cache_init(void) { pthread_atfork(cache_lock, cache_unlock, cache_unlock); }
+
+static int same_config(const ra_config *a, const ra_config *b) {
+  if (a->batch != b->batch || a->seq_len != b->seq_len || a->num_heads != b->num_heads ||
+      a->head_dim != b->head_dim || a->num_branches != b->num_branches || a->causal != b->causal ||
+      a->mode != b->mode || a->scale != b->scale || a->world_size != b->world_size || a->dtype != b->dtype)
+    return 0;
+  for (int i = 0; i < a->num_branches; i++)
+    if (a->segment_lengths[i] != b->segment_lengths[i] || a->dilation_rates[i] != b->dilation_rates[i]) return 0;
+  return 1;
+}
+
+static void drop_ref(ra_plan *plan) {
+  if (--plan->refs == 0) ra_plan_destroy(plan);
+}
+
+ra_status ra_plan_acquire(const ra_config *cfg, const ra_plan **out) {
+  *out = NULL;
+  if (!cfg) return ra_fail(RA_ERR_INVALID_ARGUMENT, "config is NULL");
+  pthread_once(&cache_once, cache_init);
+  const int usable = cfg->num_branches >= 1 && cfg->num_branches <= RA_MAX_BRANCHES;
+  cache_lock();
+  int victim = 0;
+  for (int i = 0; usable && i < PLAN_CACHE_SLOTS; i++) {
+    if (cache.slot[i].plan && same_config(&cache.slot[i].key, cfg)) {
+      cache.slot[i].used = ++cache.clock;
+      cache.slot[i].plan->refs++;
+      *out = cache.slot[i].plan;
+      cache_unlock();
+      return RA_OK;
+    }
+    if (cache.slot[i].used < cache.slot[victim].used) victim = i;
+  }
+  cache_unlock();
+  ra_plan *plan;
+  RA_TRY(ra_plan_create(cfg, &plan)); /* outside the lock: it may fail and say why */
+  plan->refs = 2;                     /* the caller and the cache */
+  cache_lock();
+  ra_plan *old = cache.slot[victim].plan;
+  cache.slot[victim].key = *cfg;
+  cache.slot[victim].plan = plan;
+  cache.slot[victim].used = ++cache.clock;
+  if (old) drop_ref(old);
+  cache_unlock();
+  *out = plan;
+  return RA_OK;
+}
+
+void ra_plan_release(const ra_plan *plan) {
+  if (!plan) return;
+  cache_lock();
+  drop_ref((ra_plan *)plan);
+  cache_unlock();
 }

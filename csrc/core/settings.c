@@ -9,6 +9,8 @@
  *   RINGATTN_DETERMINISTIC  any value but "" and "0": bitwise reproducible
  *                           CUDA backward
  *   RINGATTN_NCCL_LIBRARY   the libnccl to load (a path)
+ *   RINGATTN_CPU_ISA        auto, baseline, avx2 or avx512: the CPU kernels'
+ *                           instruction set (another value makes CPU calls fail)
  */
 #include <limits.h>
 #include <pthread.h>
@@ -27,11 +29,20 @@ static struct {
   int simt;
   int deterministic;
   char nccl_library[4096];
+  ra_cpu_isa cpu_isa;
 } env;
 
 static pthread_once_t env_once = PTHREAD_ONCE_INIT;
 
 static int flag(const char *value) { return value && value[0] && strcmp(value, "0") != 0; }
+
+/* unset or "": auto; a name of ra_cpu_isa_name; anything else: invalid */
+static ra_cpu_isa parse_cpu_isa(const char *value) {
+  if (!value || !value[0]) return RA_CPU_ISA_AUTO;
+  for (int i = RA_CPU_ISA_AUTO; ra_cpu_isa_name((ra_cpu_isa)i); i++)
+    if (strcmp(value, ra_cpu_isa_name((ra_cpu_isa)i)) == 0) return (ra_cpu_isa)i;
+  return RA_CPU_ISA_INVALID;
+}
 
 static void read_env(void) {
   const char *s = getenv("RINGATTN_NUM_THREADS");
@@ -39,6 +50,7 @@ static void read_env(void) {
   s = getenv("RINGATTN_CUDA_KERNEL");
   env.simt = s && strcmp(s, "simt") == 0;
   env.deterministic = flag(getenv("RINGATTN_DETERMINISTIC"));
+  env.cpu_isa = parse_cpu_isa(getenv("RINGATTN_CPU_ISA"));
   s = getenv("RINGATTN_NCCL_LIBRARY");
   if (s) {
     strncpy(env.nccl_library, s, sizeof env.nccl_library - 1);
@@ -48,10 +60,25 @@ static void read_env(void) {
 
 static void load_env(void) { pthread_once(&env_once, read_env); }
 
-/* Online cores, as Python's os.cpu_count() counts them. */
-static int online_cores(void) {
+/* Online cores, as Python's os.cpu_count() counts them: counted once per
+ * process, since sysconf reads /sys on every call (several system calls,
+ * a visible part of a small call's cost). */
+static int cores, procs; /* online cores; the cores OpenMP may use */
+static pthread_once_t cores_once = PTHREAD_ONCE_INIT;
+
+static void count_cores(void) {
   long n = sysconf(_SC_NPROCESSORS_ONLN);
-  return n > 0 ? (n < INT_MAX / 4 ? (int)n : INT_MAX / 4) : 1;
+  cores = n > 0 ? (n < INT_MAX / 4 ? (int)n : INT_MAX / 4) : 1;
+#ifdef _OPENMP
+  procs = omp_get_num_procs(); /* this process's affinity mask */
+#else
+  procs = cores;
+#endif
+}
+
+static int online_cores(void) {
+  pthread_once(&cores_once, count_cores);
+  return cores;
 }
 
 int ra_max_num_threads(void) { return 4 * online_cores(); }
@@ -64,11 +91,13 @@ static int clamp_threads(int n) {
 int ra_default_num_threads(void) {
   load_env();
   if (env.num_threads > 0) return clamp_threads(env.num_threads);
-#ifdef _OPENMP
-  return clamp_threads(omp_get_num_procs());
-#else
-  return online_cores();
-#endif
+  pthread_once(&cores_once, count_cores);
+  return clamp_threads(procs);
+}
+
+int ra_num_threads_explicit(int requested) {
+  load_env();
+  return requested > 0 || env.num_threads > 0;
 }
 
 /* A call's thread count.  Clamped, so that num_threads=1000 from a caller
@@ -93,6 +122,7 @@ ra_exec ra_exec_default(void) {
   e.deterministic = env.deterministic;
   e.device = -1;
   e.stream = NULL;
+  e.cpu_isa = env.cpu_isa;
   return e;
 }
 

@@ -58,17 +58,23 @@ void ra_store_row(void *dst, ra_dtype dtype, const float *src, int64_t d);
 /* ---------------------------------------------------------------- backend */
 
 /* The CPU backend: `threads` OpenMP threads, each with a kernel workspace
- * counted in `stats`; RA_FLOAT64 gets the double ops of double.c.
+ * counted in `stats`, the kernels of `isa` (isa.h); RA_FLOAT64 gets the
+ * double ops of double.c.
  * ra_cpu_backend_close frees what open allocated. */
 typedef struct ra_cpu_backend {
+  const struct ra_cpu_kernels *kern; /* the ISA variant of the kernels (isa.h) */
   int threads;
   int64_t head_dim;
   void **ws, **bwd_ws; /* per thread; bwd_ws only when opened for an fp32/fp16 backward */
   size_t ws_bytes, bwd_ws_bytes;
   ra_stats *stats;
+  struct ra_cpu_ws_set *set; /* the pooled workspaces ws, bwd_ws belong to (backend.c) */
 } ra_cpu_backend;
-ra_status ra_cpu_backend_open(ra_cpu_backend *cpu, ra_dtype dtype, int threads, int64_t head_dim,
-                              int backward, ra_stats *stats, ra_backend *out);
+ra_status ra_cpu_backend_open(ra_cpu_backend *cpu, ra_dtype dtype, ra_cpu_isa isa, int threads,
+                              int64_t head_dim, int backward, ra_stats *stats, ra_backend *out);
 void ra_cpu_backend_close(ra_cpu_backend *cpu);
+/* Bytes of the idle workspaces the backend keeps for later calls; free them. */
+size_t ra_cpu_pool_bytes(void);
+void ra_cpu_pool_clear(void);
 
 #endif /* RINGATTN_CPU_H */

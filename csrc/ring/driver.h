@@ -25,6 +25,17 @@ ra_status ra_run_rank(const ra_backend_iface *iface, void *shared, const ra_call
  * cause (a rank's own failure before its peers' echoes of it). */
 ra_status ra_run_ranks(const ra_call *call, const ra_backend_iface *iface);
 
+/* The worker threads of ranks.c.  ra_workers_init registers their fork()
+ * handlers (the entry point calls it before any CPU work);
+ * ra_forked_child() is nonzero in the child of a fork() made after that:
+ * there the calling thread's OpenMP team is gone (libgomp cannot restart
+ * it), so the entry point runs multi-threaded calls on a worker, a thread
+ * the child made itself.  ra_run_on_worker runs fn(arg) on a worker and
+ * returns its status (and its message, on the calling thread). */
+void ra_workers_init(void);
+int ra_forked_child(void);
+ra_status ra_run_on_worker(ra_status (*fn)(void *arg), void *arg);
+
 /* rank r's view of an in-process call: its shards of every tensor, its lse
  * rows, its stats entry, its share of the threads. */
 ra_call ra_rank_view(const ra_call *call, int rank);

@@ -89,15 +89,44 @@ static ra_status check_call(const ra_call *call) {
   return RA_OK;
 }
 
+/* Attention work of a call in floating-point operations (about: causal
+ * halves the pairs, the backward does 2.5 times the forward's products). */
+static double call_flops(const ra_plan *plan, int backward) {
+  const ra_config *c = &plan->cfg;
+  double pairs = 0.0; /* (query, key) pairs of one batch and head dimension */
+  for (int i = 0; i < c->num_branches; i++) {
+    const ra_branch_info *b = &plan->branch[i];
+    const double keys = (double)b->segment / (double)b->rate, queries = (double)c->seq_len / (double)b->rate;
+    pairs += (double)(b->head_end - b->head_begin) * queries * keys * (c->causal ? 0.5 : 1.0);
+  }
+  return 4.0 * (double)c->batch * (double)c->head_dim * pairs * (backward ? 2.5 : 1.0);
+}
+
+/* Work below which another thread costs more (waking it, sharing the
+ * blocks, joining) than it saves: a few microseconds of kernel time. */
+#define RA_FLOPS_PER_THREAD 2.0e6
+
+/* The call's thread count: the one its caller chose (num_threads=,
+ * RINGATTN_NUM_THREADS), else the default cut down so that every thread
+ * has RA_FLOPS_PER_THREAD of work: a tiny call runs on one core. */
+static int call_threads(const ra_call *call) {
+  const int requested = call->p.fwd.exec.num_threads, threads = ra_resolve_num_threads(requested);
+  if (ra_num_threads_explicit(requested)) return threads;
+  const double ranks = call->p.fwd.comm ? (double)call->plan->cfg.world_size : 1.0; /* this process's share */
+  const double useful = call_flops(call->plan, call->backward) / ranks / RA_FLOPS_PER_THREAD;
+  return useful < 1.0 ? 1 : (useful < (double)threads ? (int)useful : threads);
+}
+
 /* Plan and check everything this process can check on its own. */
-static ra_status prepare(ra_call *call, const ra_backend_iface *iface, ra_plan **plan) {
-  const ra_fwd_params *f = &call->p.fwd;
+static ra_status prepare(ra_call *call, const ra_backend_iface *iface, const ra_plan **plan) {
+  ra_fwd_params *f = &call->p.fwd;
   if (f->comm && f->cfg.world_size != f->comm->size)
     return ra_fail(RA_ERR_INVALID_ARGUMENT, "world_size=%d but the communicator has %d ranks", f->cfg.world_size,
                    f->comm->size);
-  RA_TRY(ra_plan_create(&f->cfg, plan));
+  RA_TRY(ra_plan_acquire(&f->cfg, plan));
   call->plan = *plan;
   call->rows = f->comm ? (*plan)->local_len : f->cfg.seq_len;
+  f->exec.num_threads = call_threads(call);
   RA_TRY(check_call(call));
   RA_TRY(iface->supports(call));
   return iface->check_inputs ? iface->check_inputs(call) : RA_OK;
@@ -128,7 +157,6 @@ static ra_status run_comm(ra_call *call, const ra_backend_iface *iface, ra_statu
 
 static ra_status run(ra_call *call) {
   ra_fwd_params *f = &call->p.fwd;
-  f->exec.num_threads = ra_resolve_num_threads(f->exec.num_threads); /* the default, at most 4 x the cores */
   if (f->comm && f->comm->device_type == RA_DEVICE_CUDA && f->exec.device < 0) f->exec.device = f->comm->device;
   const int ranks = f->comm ? 1 : (f->cfg.world_size > 0 ? f->cfg.world_size : 1);
   ra_stats *own = NULL;
@@ -138,15 +166,28 @@ static ra_status run(ra_call *call) {
   }
   memset(f->stats, 0, sizeof *f->stats * (size_t)ranks);
   const ra_backend_iface *iface = choose_backend(f->device_type);
-  ra_plan *plan = NULL;
+  const ra_plan *plan = NULL;
   ra_status st = prepare(call, iface, &plan);
   if (f->comm)
     st = run_comm(call, iface, st);
   else if (st == RA_OK)
     st = ra_run_ranks(call, iface);
-  ra_plan_destroy(plan);
+  ra_plan_release(plan);
   free(own);
   return st;
+}
+
+static ra_status run_job(void *call) { return run(call); }
+
+/* In the child of a fork() the calling thread's OpenMP team is gone: a
+ * call that may use more than one thread runs on a worker thread the child
+ * made (ring/ranks.c).  A communicator's call stays on the caller's thread. */
+static ra_status start(ra_call *call) {
+  ra_workers_init();
+  if (ra_forked_child() && !call->p.fwd.comm && call->p.fwd.device_type == RA_DEVICE_CPU &&
+      ra_resolve_num_threads(call->p.fwd.exec.num_threads) > 1)
+    return ra_run_on_worker(run_job, call);
+  return run(call);
 }
 
 ra_status ra_forward(const ra_fwd_params *p) {
@@ -154,7 +195,7 @@ ra_status ra_forward(const ra_fwd_params *p) {
   ra_call call;
   memset(&call, 0, sizeof call);
   call.p.fwd = *p;
-  return run(&call);
+  return start(&call);
 }
 
 ra_status ra_backward(const ra_bwd_params *p) {
@@ -163,5 +204,5 @@ ra_status ra_backward(const ra_bwd_params *p) {
   memset(&call, 0, sizeof call);
   call.p = *p;
   call.backward = 1;
-  return run(&call);
+  return start(&call);
 }

@@ -91,6 +91,12 @@ ra_status ra_run_rank(const ra_backend_iface *iface, void *shared, const ra_call
 
 /* ------------------------------------------------------------- threads */
 
+typedef struct rank_latch {
+  pthread_mutex_t lock;
+  pthread_cond_t done;
+  int pending; /* ranks still running on workers */
+} rank_latch;
+
 typedef struct rank_thread {
   const ra_call *call;
   const ra_backend_iface *iface;
@@ -98,32 +104,192 @@ typedef struct rank_thread {
   ra_call view;
   ra_transport tr;
   ra_status status;
+  rank_latch *latch;
   char message[512];
 } rank_thread;
 
-static void *rank_thread_main(void *p) {
-  rank_thread *t = p;
+static void run_one(rank_thread *t) {
   t->status = ra_run_rank(t->iface, t->shared, &t->view, &t->tr);
   if (t->status != RA_OK) snprintf(t->message, sizeof t->message, "%s", ra_last_error());
+}
+
+/* ------------------------------------------------------- rank workers
+ *
+ * Ranks 1.. of in-process calls run on worker threads kept between calls,
+ * so that a call starts no thread (nor the OpenMP team a rank thread
+ * creates on its first parallel region).  Every rank of a call needs its
+ * own thread at once -- ranks wait for one another -- so a call takes as
+ * many idle workers as it needs and starts the missing ones; a worker goes
+ * back to the idle list when its rank ends, and exits when the list holds
+ * ra_max_num_threads() already.
+ *
+ * fork(): the child has none of the parent's workers.  The atfork handlers
+ * keep the pool's lock consistent and give the child an empty idle list
+ * (its workers' records are leaked, once); it starts its own as needed. */
+
+typedef struct worker_job {
+  void (*fn)(void *arg); /* runs on the worker; the caller learns of its end from fn */
+  void *arg;
+} worker_job;
+
+typedef struct worker {
+  struct worker *next; /* in the idle list */
+  pthread_cond_t wake;
+  worker_job job; /* fn set by the caller, cleared by the worker */
+} worker;
+
+static struct {
+  pthread_mutex_t lock;
+  worker *idle;
+  int n_idle;
+} pool = {PTHREAD_MUTEX_INITIALIZER, NULL, 0};
+
+static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
+static int forked; /* this process is the child of a fork() after a call */
+
+static void pool_lock(void) { pthread_mutex_lock(&pool.lock); }
+static void pool_unlock(void) { pthread_mutex_unlock(&pool.lock); }
+static void pool_child(void) {
+  pool.idle = NULL;
+  pool.n_idle = 0;
+  forked = 1;
+  pthread_mutex_unlock(&pool.lock);
+}
+static void pool_init(void) { pthread_atfork(pool_lock, pool_unlock, pool_child); }
+
+void ra_workers_init(void) { pthread_once(&pool_once, pool_init); }
+int ra_forked_child(void) { return forked; }
+
+static void latch_count_down(rank_latch *latch) {
+  pthread_mutex_lock(&latch->lock);
+  if (--latch->pending == 0) pthread_cond_signal(&latch->done);
+  pthread_mutex_unlock(&latch->lock);
+}
+
+static void *worker_main(void *arg) {
+  worker *w = arg;
+  pool_lock();
+  for (;;) {
+    while (!w->job.fn) pthread_cond_wait(&w->wake, &pool.lock);
+    const worker_job job = w->job;
+    pool_unlock();
+    job.fn(job.arg); /* the caller may return once it ends: job.arg is gone after */
+    pool_lock();
+    w->job.fn = NULL;
+    if (pool.n_idle >= ra_max_num_threads()) break;
+    w->next = pool.idle;
+    pool.idle = w;
+    pool.n_idle++;
+  }
+  pool_unlock();
+  pthread_cond_destroy(&w->wake);
+  free(w);
   return NULL;
 }
 
-/* Start ranks 1.. on threads of their own and run rank 0 here.  The result
- * is the root cause: a rank's own failure before its peers' echoes. */
+/* Run `job` on an idle worker, or on a new one; nonzero when no thread
+ * could be started. */
+static int pool_submit(worker_job job) {
+  pool_lock();
+  worker *w = pool.idle;
+  if (w) {
+    pool.idle = w->next;
+    pool.n_idle--;
+    w->job = job;
+    pthread_cond_signal(&w->wake);
+    pool_unlock();
+    return 0;
+  }
+  pool_unlock();
+  if (!(w = calloc(1, sizeof *w))) return -1;
+  w->job = job;
+  pthread_t tid;
+  pthread_attr_t attr;
+  int ok = pthread_cond_init(&w->wake, NULL) == 0;
+  if (ok && pthread_attr_init(&attr) == 0) {
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    ok = pthread_create(&tid, &attr, worker_main, w) == 0;
+    pthread_attr_destroy(&attr);
+  } else if (ok) {
+    ok = 0;
+    pthread_cond_destroy(&w->wake);
+  }
+  if (!ok) free(w);
+  return ok ? 0 : -1;
+}
+
+static void rank_job(void *arg) {
+  rank_thread *t = arg;
+  run_one(t);
+  latch_count_down(t->latch);
+}
+
+/* ra_run_on_worker: a function run on a worker while the caller waits. */
+typedef struct call_job {
+  ra_status (*fn)(void *arg);
+  void *arg;
+  ra_status status;
+  char message[512];
+  rank_latch latch;
+} call_job;
+
+static void call_job_main(void *arg) {
+  call_job *j = arg;
+  j->status = j->fn(j->arg);
+  if (j->status != RA_OK) snprintf(j->message, sizeof j->message, "%s", ra_last_error());
+  latch_count_down(&j->latch);
+}
+
+ra_status ra_run_on_worker(ra_status (*fn)(void *arg), void *arg) {
+  call_job j;
+  j.fn = fn;
+  j.arg = arg;
+  j.status = RA_OK;
+  pthread_mutex_init(&j.latch.lock, NULL);
+  pthread_cond_init(&j.latch.done, NULL);
+  j.latch.pending = 1;
+  ra_workers_init();
+  ra_status st;
+  if (pool_submit((worker_job){call_job_main, &j}) != 0) {
+    st = ra_fail(RA_ERR_INTERNAL, "could not start a thread for the call");
+  } else {
+    pthread_mutex_lock(&j.latch.lock);
+    while (j.latch.pending > 0) pthread_cond_wait(&j.latch.done, &j.latch.lock);
+    pthread_mutex_unlock(&j.latch.lock);
+    st = j.status == RA_OK ? RA_OK : ra_fail(j.status, "%s", j.message); /* the message, on this thread */
+  }
+  pthread_cond_destroy(&j.latch.done);
+  pthread_mutex_destroy(&j.latch.lock);
+  return st;
+}
+
+/* Hand ranks 1.. to workers and run rank 0 here.  The result is the root
+ * cause: a rank's own failure before its peers' echoes. */
 static ra_status run_threads(rank_thread *t, int ranks) {
-  pthread_t *tid = calloc((size_t)ranks, sizeof *tid);
-  if (!tid) return ra_fail(RA_ERR_OUT_OF_MEMORY, "could not allocate %d rank threads", ranks);
-  int started = 1;
-  for (int r = 1; r < ranks; r++, started++)
-    if (pthread_create(&tid[r], NULL, rank_thread_main, &t[r]) != 0) {
+  rank_latch latch;
+  pthread_mutex_init(&latch.lock, NULL);
+  pthread_cond_init(&latch.done, NULL);
+  latch.pending = 0;
+  ra_workers_init();
+  for (int r = 1; r < ranks; r++) {
+    t[r].latch = &latch;
+    pthread_mutex_lock(&latch.lock);
+    latch.pending++;
+    pthread_mutex_unlock(&latch.lock);
+    if (pool_submit((worker_job){rank_job, &t[r]}) != 0) {
+      latch_count_down(&latch); /* no worker will */
       t[r].status = ra_fail(RA_ERR_INTERNAL, "could not start the thread of rank %d", r);
       snprintf(t[r].message, sizeof t[r].message, "%s", ra_last_error());
       t[0].tr.ops->abort(t[0].tr.ctx); /* a rank that never runs must not be waited for */
       break;
     }
-  rank_thread_main(&t[0]);
-  for (int r = 1; r < started; r++) pthread_join(tid[r], NULL);
-  free(tid);
+  }
+  run_one(&t[0]);
+  pthread_mutex_lock(&latch.lock);
+  while (latch.pending > 0) pthread_cond_wait(&latch.done, &latch.lock);
+  pthread_mutex_unlock(&latch.lock);
+  pthread_cond_destroy(&latch.done);
+  pthread_mutex_destroy(&latch.lock);
   ra_status result = RA_OK;
   for (int pass = 0; pass < 2 && result == RA_OK; pass++)
     for (int r = 0; r < ranks; r++)
@@ -134,8 +300,36 @@ static ra_status run_threads(rank_thread *t, int ranks) {
   return result;
 }
 
+/* Transport of a world of one rank: nothing to move (every branch of a
+ * single rank is local), so nothing of it is ever called. */
+static ra_status solo_isend(void *ctx, const void *buf, size_t bytes, int dst, int tag, ra_request *req) {
+  (void)ctx, (void)buf, (void)bytes, (void)dst, (void)tag, (void)req;
+  return ra_fail(RA_ERR_INTERNAL, "a single rank has no peer to send to");
+}
+static ra_status solo_irecv(void *ctx, void *buf, size_t bytes, int src, int tag, ra_request *req) {
+  (void)ctx, (void)buf, (void)bytes, (void)src, (void)tag, (void)req;
+  return ra_fail(RA_ERR_INTERNAL, "a single rank has no peer to receive from");
+}
+static ra_status solo_wait(void *ctx, ra_request *req) {
+  (void)ctx, (void)req;
+  return ra_fail(RA_ERR_INTERNAL, "a single rank has nothing to wait for");
+}
+static const ra_transport_ops solo_ops = {"solo", solo_isend, solo_irecv, solo_wait, NULL};
+
+/* One rank: no world, no rank job, no thread -- the driver on the calling thread. */
+static ra_status run_solo(const ra_call *call, const ra_backend_iface *iface) {
+  void *shared = NULL;
+  RA_TRY(iface->call_open ? iface->call_open(call, &shared) : RA_OK);
+  const ra_call view = ra_rank_view(call, 0);
+  const ra_transport tr = {&solo_ops, NULL, 0, 1};
+  ra_status st = ra_run_rank(iface, shared, &view, &tr);
+  if (iface->call_close) iface->call_close(shared);
+  return st;
+}
+
 ra_status ra_run_ranks(const ra_call *call, const ra_backend_iface *iface) {
   const int ranks = call->plan->cfg.world_size;
+  if (ranks == 1) return run_solo(call, iface);
   void *shared = NULL;
   RA_TRY(check_views(call));
   RA_TRY(iface->call_open ? iface->call_open(call, &shared) : RA_OK);

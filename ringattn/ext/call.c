@@ -2,9 +2,11 @@
  * call.c -- plan() and run(): the configuration reader and the one call
  * path, Tensors -> one ra_bwd_params -> ra_forward / ra_backward.
  *
- * The Python layer validates arguments for friendly messages and the core
- * validates the configuration; run() re-checks only what protects memory
- * (dimensions, shapes, dtypes, strides, pointers, writability, device).
+ * run() is where the tensor rules live (dimensions, shapes and dtypes
+ * like q's, strides, pointers, writability, device, the lse), each once,
+ * with messages naming the argument; the core checks the configuration
+ * (the plan).  On the CPU the Python layer checks neither again; the GPU
+ * path checks the tensors before it copies or allocates device memory.
  */
 #include "ext.h"
 #include "internal.h" /* the core's checked sizes */
@@ -138,7 +140,8 @@ static int check_bnhd(const ext_tensor *t, const char *name, const ext_tensor *q
     return -1;
   }
   if (memcmp(t->shape, q->shape, 4 * sizeof(int64_t))) {
-    PyErr_Format(PyExc_ValueError, "%s must have the shape of q (%lld, %lld, %lld, %lld)", name,
+    PyErr_Format(PyExc_ValueError, "%s has shape (%lld, %lld, %lld, %lld) but q has (%lld, %lld, %lld, %lld); they must match",
+                 name, (long long)t->shape[0], (long long)t->shape[1], (long long)t->shape[2], (long long)t->shape[3],
                  (long long)q->shape[0], (long long)q->shape[1], (long long)q->shape[2], (long long)q->shape[3]);
     return -1;
   }
@@ -168,7 +171,13 @@ static int check_lse(const ext_tensor *t, const ext_tensor *q, int writable, int
   const ext_dtype *want = ext_dtype_of(q->dtype->dtype == RA_FLOAT64 ? RA_FLOAT64 : RA_FLOAT32);
   const int64_t b = q->shape[0], n = q->shape[1], h = q->shape[2];
   int64_t hn = -1;
-  const int ok = t->dtype == want && t->ndim == 3 && t->shape[0] == b && t->shape[1] == h && t->shape[2] == n &&
+  if (t->dtype != want) {
+    PyErr_Format(PyExc_TypeError,
+                 "lse must have dtype %s for %s inputs (the forward's return_lse=True result), got %s", want->name,
+                 q->dtype->name, t->dtype->name);
+    return -1;
+  }
+  const int ok = t->ndim == 3 && t->shape[0] == b && t->shape[1] == h && t->shape[2] == n &&
                  ra_mul_ok(h, n, &hn) && t->strides[2] == 1 && t->strides[1] == n && t->strides[0] == hn;
   if (!ok) {
     PyErr_Format(PyExc_ValueError, "lse must be a C-contiguous %s tensor of shape (%lld, %lld, %lld)", want->name,
@@ -204,8 +213,16 @@ static int fill_tensors(const call_args *a, ra_bwd_params *p, ext_tensor **used,
   }
   for (int i = 0; i < count; i++) {
     ext_tensor *t = as_tensor(a->obj[i], slot_names[i], dev);
+    if (!t) return -1;
+    /* messages name the argument as the caller does: the Tensor's own name
+     * (the Python layer's "out" for the forward's o), else run()'s keyword */
+    const char *name = PyUnicode_Check(t->name) ? PyUnicode_AsUTF8(t->name) : NULL;
+    if (!name) {
+      PyErr_Clear();
+      name = slot_names[i];
+    }
     const int writable = i >= DQ || (i == O && !a->backward);
-    if (!t || check_bnhd(t, slot_names[i], q, writable, a->device, slots[i])) return -1;
+    if (check_bnhd(t, name, q, writable, a->device, slots[i])) return -1;
     used[(*n_used)++] = t;
   }
   if (a->lse == Py_None) {
@@ -295,13 +312,13 @@ static ra_status call_core(const ra_bwd_params *p, int backward, ext_tensor **us
  * (so that world_size can size the statistics). */
 static int ranks_here(const ra_bwd_params *p) {
   if (p->fwd.comm) return 1;
-  ra_plan *plan;
-  ra_status st = ra_plan_create(&p->fwd.cfg, &plan);
+  const ra_plan *plan; /* from the core's plan cache: the call below takes the same one */
+  ra_status st = ra_plan_acquire(&p->fwd.cfg, &plan);
   if (st != RA_OK) {
     ext_raise_status(st);
     return -1;
   }
-  ra_plan_destroy(plan);
+  ra_plan_release(plan);
   return p->fwd.cfg.world_size;
 }
 

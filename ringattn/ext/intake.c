@@ -775,6 +775,15 @@ static PyObject *get_strides(ext_tensor *t, void *c) { (void)c; return int64_tup
 static PyObject *get_dtype(ext_tensor *t, void *c) { (void)c; return PyUnicode_FromString(t->dtype->name); }
 static PyObject *get_itemsize(ext_tensor *t, void *c) { (void)c; return PyLong_FromLong(t->dtype->itemsize); }
 static PyObject *get_readonly(ext_tensor *t, void *c) { (void)c; return PyBool_FromLong(t->readonly); }
+
+/* The core reads it in place: the last axis contiguous, strides
+ * non-negative, the pointer set and aligned (ext/call.c's rules). */
+static PyObject *get_in_place(ext_tensor *t, void *c) {
+  (void)c;
+  int ok = t->ndim >= 1 && t->strides[t->ndim - 1] == 1 && t->ptr && t->ptr % (uintptr_t)t->dtype->itemsize == 0;
+  for (int i = 0; ok && i < t->ndim; i++) ok = t->strides[i] >= 0;
+  return PyBool_FromLong(ok);
+}
 static PyObject *get_source(ext_tensor *t, void *c) { (void)c; return PyUnicode_FromString(t->source); }
 
 #define GETTER(attr, doc) {#attr, (getter)get_##attr, NULL, doc, NULL}
@@ -788,6 +797,7 @@ static PyGetSetDef tensor_getset[] = {
     GETTER(dtype, "'float32', 'float16', 'bfloat16' or 'float64'"),
     GETTER(itemsize, "bytes per element"),
     GETTER(readonly, "whether the producer forbids writes"),
+    GETTER(in_place, "whether the core can read it in place (last axis contiguous, strides >= 0, aligned)"),
     GETTER(stream, "the __cuda_array_interface__ v3 stream (int) or None"),
     GETTER(source, "'numpy', 'cai' or 'dlpack'"),
     GETTER(obj, "the producer, kept alive by the Tensor until release()"),

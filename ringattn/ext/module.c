@@ -93,6 +93,29 @@ static PyObject *py_exec_default(PyObject *self, PyObject *unused) {
                        PyBool_FromLong(e.deterministic));
 }
 
+/* {"selected": the ISA a default call runs (None if RINGATTN_CPU_ISA is
+ * unusable), "supported": [...], "compiled": [...]} */
+static PyObject *py_cpu_isa(PyObject *self, PyObject *unused) {
+  (void)self;
+  (void)unused;
+  PyObject *supported = PyList_New(0), *compiled = PyList_New(0);
+  if (!supported || !compiled) goto fail;
+  for (int i = RA_CPU_ISA_BASELINE; ra_cpu_isa_name((ra_cpu_isa)i); i++) {
+    PyObject *name = PyUnicode_FromString(ra_cpu_isa_name((ra_cpu_isa)i));
+    int bad = !name || (ra_cpu_isa_compiled((ra_cpu_isa)i) && PyList_Append(compiled, name) < 0) ||
+              (ra_cpu_isa_supported((ra_cpu_isa)i) && PyList_Append(supported, name) < 0);
+    Py_XDECREF(name);
+    if (bad) goto fail;
+  }
+  const ra_cpu_isa isa = ra_cpu_isa_resolve(ra_exec_default().cpu_isa);
+  return Py_BuildValue("{szsNsN}", "selected", ra_cpu_isa_supported(isa) ? ra_cpu_isa_name(isa) : NULL,
+                       "supported", supported, "compiled", compiled);
+fail:
+  Py_XDECREF(supported);
+  Py_XDECREF(compiled);
+  return NULL;
+}
+
 static PyObject *py_status_string(PyObject *self, PyObject *arg) {
   (void)self;
   long code = PyLong_AsLong(arg);
@@ -106,6 +129,8 @@ static PyMethodDef module_methods[] = {
     {"exec_default", py_exec_default, METH_NOARGS,
      "exec_default() -> {num_threads, kernel, deterministic}: the defaults from the environment."},
     {"status_string", py_status_string, METH_O, "status_string(code): description of a core status code."},
+    {"cpu_isa", py_cpu_isa, METH_NOARGS,
+     "cpu_isa() -> {selected, supported, compiled}: the CPU kernels' instruction sets (RINGATTN_CPU_ISA)."},
     {NULL, NULL, 0, NULL}};
 
 /* ---------------------------------------------------------------- module */

@@ -1,5 +1,5 @@
 /*
- * test_backward.c -- the CPU attention backward (csrc/cpu_backward.c) against
+ * test_backward.c -- the CPU attention backward (csrc/cpu/backward.c) against
  * a naive double-precision backward written from the formulas:
  *   P_ij = exp(scale q_i.k_j - lse_i), D_i = dO_i.o_i,
  *   dV_j += sum_i P_ij dO_i, dS_ij = P_ij (dO_i.v_j - D_i),
@@ -8,8 +8,14 @@
  * set of "extra" keys (another branch / ring step the call does not see), so
  * that lse is the row's final value and the call's share is partial.
  *
- * `test_backward` runs the tests (last line "N passed, N failed");
- * `test_backward --bench [n] [d]` times both functions single-threaded.
+ * Every check runs the fused one-pass entry (ra_cpu_backward) and the
+ * two-pass pair (ra_cpu_backward_dq, ra_cpu_backward_dkdv), each on its own
+ * outputs, and the whole suite runs once per ISA variant of the kernels
+ * that this build has and this CPU runs (cpu/isa.h).
+ *
+ * `test_backward` runs the tests (a "N passed, N failed" line per ISA);
+ * `test_backward --bench [n] [d] [causal]` times the functions
+ * single-threaded (the default ISA).
  */
 #include <math.h>
 #include <stdio.h>
@@ -19,6 +25,7 @@
 
 #include "cpu/backward.h"
 #include "cpu/half.h"
+#include "cpu/isa.h"
 
 #include "harness.h"
 static float nonzero(float amp) {
@@ -241,6 +248,9 @@ static void free_case(bdata *b) {
 
 /* -------------------------------------------------------- calling the kernel */
 
+/* The ISA variant under test (main sets it before each run of the suite). */
+static const ra_cpu_kernels *K;
+
 static ra_tokens tokens(const rows *r, int64_t t0, int64_t count, int64_t pos0) {
   ra_tokens t = {row_ptr(r, t0), r->stride, count, pos0};
   return t;
@@ -253,7 +263,7 @@ static void call_dq(ra_bwd_workspace *ws, const bdata *b, int64_t t0, int64_t nq
   const bcase *c = &b->c;
   for (int64_t t = t0; t < t0 + nq; t += block) {
     int64_t m = t0 + nq - t < block ? t0 + nq - t : block;
-    ra_cpu_backward_dq(ws, c->dtype, c->d, b->scale, c->causal, c->rate,
+    K->backward_dq(ws, c->dtype, c->d, b->scale, c->causal, c->rate,
                        tokens(&b->q, t, m, c->qpos0 + t * c->rate), row_ptr(&b->g, t),
                        b->g.stride, b->lse + t * LSE_STRIDE, LSE_STRIDE,
                        b->delta + t * DELTA_STRIDE, DELTA_STRIDE,
@@ -268,7 +278,7 @@ static void call_dkdv(ra_bwd_workspace *ws, const bdata *b, int64_t t0, int64_t 
   const bcase *c = &b->c;
   for (int64_t j = j0; j < j0 + nk; j += block) {
     int64_t n = j0 + nk - j < block ? j0 + nk - j : block;
-    ra_cpu_backward_dkdv(ws, c->dtype, c->d, b->scale, c->causal, c->rate,
+    K->backward_dkdv(ws, c->dtype, c->d, b->scale, c->causal, c->rate,
                          tokens(&b->q, t0, nq, c->qpos0 + t0 * c->rate), row_ptr(&b->g, t0),
                          b->g.stride, b->lse + t0 * LSE_STRIDE, LSE_STRIDE,
                          b->delta + t0 * DELTA_STRIDE, DELTA_STRIDE,
@@ -278,10 +288,34 @@ static void call_dkdv(ra_bwd_workspace *ws, const bdata *b, int64_t t0, int64_t 
   }
 }
 
+/* dq, dk, dv for queries [t0, t0+nq) against keys [j0, j0+nk) in one call
+ * of the fused entry. */
+static void call_fused(ra_bwd_workspace *ws, const bdata *b, int64_t t0, int64_t nq, int64_t j0,
+                       int64_t nk, out *dq, out *dk, out *dv) {
+  const bcase *c = &b->c;
+  K->backward(ws, c->dtype, c->d, b->scale, c->causal, c->rate, tokens(&b->q, t0, nq, c->qpos0 + t0 * c->rate),
+              row_ptr(&b->g, t0), b->g.stride, b->lse + t0 * LSE_STRIDE, LSE_STRIDE, b->delta + t0 * DELTA_STRIDE,
+              DELTA_STRIDE, tokens(&b->k, j0, nk, c->kpos0 + j0 * c->rate), row_ptr(&b->v, j0), b->v.stride,
+              dq->data + t0 * dq->stride, dq->stride, dk->data + j0 * dk->stride, dv->data + j0 * dv->stride,
+              dk->stride);
+}
+
+/* The whole case through one entry: 0 the two-pass pair (in blocks), 1 the
+ * fused one. */
+static void call_entry(int fused, ra_bwd_workspace *ws, const bdata *b, int64_t block_q, int64_t block_k,
+                       out *dq, out *dk, out *dv) {
+  if (fused) {
+    call_fused(ws, b, 0, b->c.nq, 0, b->c.nk, dq, dk, dv);
+  } else {
+    call_dq(ws, b, 0, b->c.nq, 0, b->c.nk, block_q, dq);
+    call_dkdv(ws, b, 0, b->c.nq, 0, b->c.nk, block_k, dk, dv);
+  }
+}
+
 static void *alloc_ws(int64_t d, ra_bwd_workspace **ws) {
-  size_t bytes = ra_bwd_workspace_bytes(d);
+  size_t bytes = K->bwd_workspace_bytes(d);
   void *mem = aligned_alloc(64, (bytes + 63) / 64 * 64);
-  *ws = ra_bwd_workspace_init(mem, d);
+  *ws = K->bwd_workspace_init(mem, d);
   return mem;
 }
 
@@ -292,30 +326,34 @@ static int verbose;
  * RA_BWD_BLOCK_* is allowed and taken a block at a time). */
 static int64_t case_block_q = RA_BWD_BLOCK_Q, case_block_k = RA_BWD_BLOCK_K;
 
-/* Run one case against the reference; returns the worst relative error. */
+/* Run one case against the reference through both entries; returns the
+ * worst relative error. */
 static double check_case(bcase c, double tol) {
   bdata b = make_case(c, 2.0f);
   ra_bwd_workspace *ws;
   void *mem = alloc_ws(c.d, &ws);
-  out dq = make_out(c.nq, c.d, c.d + 5, 2), dk = make_out(c.nk, c.d, c.d + 3, 3),
-      dv = make_out(c.nk, c.d, c.d + 3, 3);
-  /* dv shares dk's stride, but lives in its own buffer */
-  call_dq(ws, &b, 0, c.nq, 0, c.nk, case_block_q, &dq);
-  call_dkdv(ws, &b, 0, c.nq, 0, c.nk, case_block_k, &dk, &dv);
-  int p1, p2, p3;
-  double e1 = out_error_mag(&dq, b.dq, b.mq, &p1), e2 = out_error_mag(&dk, b.dk, b.mk, &p2),
-         e3 = out_error(&dv, b.dv, &p3);
-  double worst = e1 > e2 ? e1 : e2;
-  if (e3 > worst || e3 != e3) worst = e3;
-  if (verbose || !(worst <= tol) || !(p1 && p2 && p3))
-    fprintf(stderr, "  %s d=%lld nq=%lld nk=%lld ne=%lld rate=%lld pos0=%lld/%lld causal=%d: "
-                    "dq %.2e dk %.2e dv %.2e poison %d%d%d\n",
-            c.dtype == RA_FLOAT16 ? "fp16" : "fp32", (long long)c.d, (long long)c.nq,
-            (long long)c.nk, (long long)c.ne, (long long)c.rate, (long long)c.qpos0,
-            (long long)c.kpos0, c.causal, e1, e2, e3, p1, p2, p3);
-  CHECK(worst <= tol);
-  CHECK(p1 && p2 && p3);
-  free_out(&dq); free_out(&dk); free_out(&dv);
+  double worst = 0;
+  for (int fused = 0; fused <= 1; fused++) {
+    /* dv shares dk's stride, but lives in its own buffer */
+    out dq = make_out(c.nq, c.d, c.d + 5, 2), dk = make_out(c.nk, c.d, c.d + 3, 3),
+        dv = make_out(c.nk, c.d, c.d + 3, 3);
+    call_entry(fused, ws, &b, case_block_q, case_block_k, &dq, &dk, &dv);
+    int p1, p2, p3;
+    double e1 = out_error_mag(&dq, b.dq, b.mq, &p1), e2 = out_error_mag(&dk, b.dk, b.mk, &p2),
+           e3 = out_error(&dv, b.dv, &p3);
+    double w = e1 > e2 ? e1 : e2;
+    if (e3 > w || e3 != e3) w = e3;
+    if (verbose || !(w <= tol) || !(p1 && p2 && p3))
+      fprintf(stderr, "  %s %s d=%lld nq=%lld nk=%lld ne=%lld rate=%lld pos0=%lld/%lld causal=%d: "
+                      "dq %.2e dk %.2e dv %.2e poison %d%d%d\n",
+              fused ? "fused" : "2-pass", c.dtype == RA_FLOAT16 ? "fp16" : "fp32", (long long)c.d,
+              (long long)c.nq, (long long)c.nk, (long long)c.ne, (long long)c.rate, (long long)c.qpos0,
+              (long long)c.kpos0, c.causal, e1, e2, e3, p1, p2, p3);
+    CHECK(w <= tol);
+    CHECK(p1 && p2 && p3);
+    if (!(w <= worst)) worst = w;
+    free_out(&dq); free_out(&dk); free_out(&dv);
+  }
   free(mem);
   free_case(&b);
   return worst;
@@ -412,6 +450,18 @@ static void test_additivity(void) {
       call_dkdv(ws, &b, 0, c.nq, 0, c.nk, RA_BWD_BLOCK_K, &dk1, &dv1);
       call_dkdv(ws, &b, 0, 61, 0, c.nk, 70, &dk2, &dv2);
       call_dkdv(ws, &b, 61, c.nq - 61, 0, c.nk, 41, &dk2, &dv2);
+      /* the fused entry: one call, and four over (query half, key half) */
+      out fq1 = make_out(c.nq, c.d, c.d, 0), fk1 = make_out(c.nk, c.d, c.d, 0), fv1 = make_out(c.nk, c.d, c.d, 0);
+      out fq2 = make_out(c.nq, c.d, c.d, 0), fk2 = make_out(c.nk, c.d, c.d, 0), fv2 = make_out(c.nk, c.d, c.d, 0);
+      out *fo[6] = {&fq1, &fk1, &fv1, &fq2, &fk2, &fv2};
+      const out *like[6] = {&dq1, &dk1, &dv1, &dq1, &dk1, &dv1};
+      for (int x = 0; x < 6; x++) /* the initial values of dq1, dk1, dv1 */
+        for (int64_t i = 0; i < like[x]->count * c.d; i++) fo[x]->data[i] = (float)(fo[x]->init[i] = like[x]->init[i]);
+      call_fused(ws, &b, 0, c.nq, 0, c.nk, &fq1, &fk1, &fv1);
+      call_fused(ws, &b, 0, 61, 0, 77, &fq2, &fk2, &fv2);
+      call_fused(ws, &b, 61, c.nq - 61, 0, 77, &fq2, &fk2, &fv2);
+      call_fused(ws, &b, 0, 61, 77, c.nk - 77, &fq2, &fk2, &fv2);
+      call_fused(ws, &b, 61, c.nq - 61, 77, c.nk - 77, &fq2, &fk2, &fv2);
       double *w = malloc(sizeof(double) * (size_t)(c.nk * c.d));
       int p;
       const out *one[3] = {&dq1, &dk1, &dv1}, *two[3] = {&dq2, &dk2, &dv2};
@@ -423,10 +473,19 @@ static void test_additivity(void) {
                              dt ? "fp16" : "fp32", x, e);
         CHECK(e <= 2e-6);
       }
+      const out *f1[3] = {&fq1, &fk1, &fv1}, *f2[3] = {&fq2, &fk2, &fv2};
+      for (int x = 0; x < 3; x++) {
+        /* same initial values as dq1 ...: compare the fused results with the two-pass ones too */
+        int64_t cnt = f1[x]->count * c.d;
+        for (int64_t i = 0; i < cnt; i++) w[i] = (double)f1[x]->data[i] - f1[x]->init[i];
+        CHECK(out_error(f2[x], w, &p) <= 2e-6);
+        CHECK(out_error(one[x], w, &p) <= 2e-6);
+      }
       /* and both match the reference */
       CHECK(out_error(&dq2, b.dq, &p) < 1e-4);
       CHECK(out_error(&dk2, b.dk, &p) < 1e-4);
       CHECK(out_error(&dv2, b.dv, &p) < 1e-4);
+      free_out(&fq1); free_out(&fk1); free_out(&fv1); free_out(&fq2); free_out(&fk2); free_out(&fv2);
       free(w);
       free_out(&dq1); free_out(&dq2); free_out(&dk1); free_out(&dk2); free_out(&dv1); free_out(&dv2);
       free(mem);
@@ -434,9 +493,32 @@ static void test_additivity(void) {
     }
 }
 
+/* Runs longer than the kernel's packed chunk of queries (512 rows at these
+ * head dims) and key block (64 keys), in one call: the last chunk and block
+ * partial and not a multiple of the vector width, the causal diagonal
+ * crossing chunk and block edges (keys starting before, inside and with the
+ * queries, dilated), head dims that are not multiples of 16. */
+static void test_chunk_and_block_edges(void) {
+  case_block_q = 1000;
+  case_block_k = 1000;
+  static const struct { ra_dtype dt; int64_t d, nq, nk, rate, qpos0, kpos0; } cs[] = {
+      {RA_FLOAT32, 64, 601, 699, 2, 200, 0},  /* keys from before the queries  */
+      {RA_FLOAT32, 40, 515, 262, 1, 7, 300},  /* keys start inside the run     */
+      {RA_FLOAT16, 24, 600, 513, 3, 3, 3},    /* same start, dilated           */
+  };
+  for (int i = 0; i < 3; i++)
+    for (int causal = 0; causal <= 1; causal++) {
+      bcase c = {cs[i].dt, cs[i].d, cs[i].nq, cs[i].nk, i == 1 ? 2 : 0, cs[i].rate, cs[i].qpos0, cs[i].kpos0,
+                 causal, i == 0 ? 9 : 0};
+      check_case(c, cs[i].dt == RA_FLOAT16 ? 1e-2 : 1e-4);
+    }
+  case_block_q = RA_BWD_BLOCK_Q;
+  case_block_k = RA_BWD_BLOCK_K;
+}
+
 /* A workspace that saw NaN / inf in an earlier call, and was used by the
  * other function and another head dim layout, gives correct results. */
-static void test_stale_workspace(void) {
+static void stale_workspace_with(int fused) {
   bcase c = {RA_FLOAT32, 80, 70, 90, 0, 1, 0, 0, 0, 0};
   bdata bad = make_case(c, 2.0f);
   for (int64_t t = 0; t < c.nq; t++) {
@@ -447,8 +529,7 @@ static void test_stale_workspace(void) {
   ra_bwd_workspace *ws;
   void *mem = alloc_ws(c.d, &ws);
   out dq = make_out(c.nq, c.d, c.d, 0), dk = make_out(c.nk, c.d, c.d, 0), dv = make_out(c.nk, c.d, c.d, 0);
-  call_dkdv(ws, &bad, 0, c.nq, 0, c.nk, RA_BWD_BLOCK_K, &dk, &dv);
-  call_dq(ws, &bad, 0, c.nq, 0, c.nk, RA_BWD_BLOCK_Q, &dq);
+  call_entry(fused, ws, &bad, RA_BWD_BLOCK_Q, RA_BWD_BLOCK_K, &dq, &dk, &dv);
   /* NaN inputs must show in the outputs, not be hidden */
   int nan_seen = 0;
   for (int64_t i = 0; i < c.nk * c.d; i++) nan_seen |= isnan(dk.data[i]);
@@ -462,8 +543,7 @@ static void test_stale_workspace(void) {
     bcase g = {RA_FLOAT32, dims[i], 45, 70, 2, 2, 4, 0, 1, 0};
     bdata b = make_case(g, 2.0f);
     out q2 = make_out(g.nq, g.d, g.d + 1, 1), k2 = make_out(g.nk, g.d, g.d, 1), v2 = make_out(g.nk, g.d, g.d, 1);
-    call_dkdv(ws, &b, 0, g.nq, 0, g.nk, RA_BWD_BLOCK_K, &k2, &v2);
-    call_dq(ws, &b, 0, g.nq, 0, g.nk, RA_BWD_BLOCK_Q, &q2);
+    call_entry(fused, ws, &b, RA_BWD_BLOCK_Q, RA_BWD_BLOCK_K, &q2, &k2, &v2);
     int p1, p2, p3;
     CHECK(out_error(&q2, b.dq, &p1) < 1e-4 && p1);
     CHECK(out_error(&k2, b.dk, &p2) < 1e-4 && p2);
@@ -474,11 +554,16 @@ static void test_stale_workspace(void) {
   free(mem);
 }
 
+static void test_stale_workspace(void) {
+  stale_workspace_with(0);
+  stale_workspace_with(1);
+}
+
 /* Poison the workspace's memory between calls (after init) except what init
  * wrote: every buffer a call reads it must write first.  Done by running a
  * case whose inputs are huge (scores overflow to inf in scratch) and then a
  * normal one without re-init. */
-static void test_overflowing_then_normal(void) {
+static void overflowing_then_normal_with(int fused) {
   bcase c = {RA_FLOAT32, 64, 100, 100, 0, 1, 0, 0, 1, 0};
   bdata huge = make_case(c, 2.0f);
   for (int64_t t = 0; t < c.nq; t++)
@@ -486,14 +571,12 @@ static void test_overflowing_then_normal(void) {
   ra_bwd_workspace *ws;
   void *mem = alloc_ws(c.d, &ws);
   out a = make_out(c.nq, c.d, c.d, 0), bk = make_out(c.nk, c.d, c.d, 0), bv = make_out(c.nk, c.d, c.d, 0);
-  call_dq(ws, &huge, 0, c.nq, 0, c.nk, RA_BWD_BLOCK_Q, &a);
-  call_dkdv(ws, &huge, 0, c.nq, 0, c.nk, RA_BWD_BLOCK_K, &bk, &bv);
+  call_entry(fused, ws, &huge, RA_BWD_BLOCK_Q, RA_BWD_BLOCK_K, &a, &bk, &bv);
   free_out(&a); free_out(&bk); free_out(&bv);
   bcase n = {RA_FLOAT32, 64, 37, 41, 0, 1, 0, 0, 0, 0};
   bdata b = make_case(n, 2.0f);
   out q2 = make_out(n.nq, n.d, n.d, 0), k2 = make_out(n.nk, n.d, n.d, 0), v2 = make_out(n.nk, n.d, n.d, 0);
-  call_dq(ws, &b, 0, n.nq, 0, n.nk, RA_BWD_BLOCK_Q, &q2);
-  call_dkdv(ws, &b, 0, n.nq, 0, n.nk, RA_BWD_BLOCK_K, &k2, &v2);
+  call_entry(fused, ws, &b, RA_BWD_BLOCK_Q, RA_BWD_BLOCK_K, &q2, &k2, &v2);
   int p;
   CHECK(out_error(&q2, b.dq, &p) < 1e-4);
   CHECK(out_error(&k2, b.dk, &p) < 1e-4);
@@ -504,9 +587,14 @@ static void test_overflowing_then_normal(void) {
   free(mem);
 }
 
+static void test_overflowing_then_normal(void) {
+  overflowing_then_normal_with(0);
+  overflowing_then_normal_with(1);
+}
+
 /* Rows with lse -inf contribute nothing even when their q, dO and delta are
  * garbage (NaN): dq of the row unchanged, dk / dv as without the row. */
-static void test_dead_rows_ignored(void) {
+static void dead_rows_ignored_with(int fused) {
   bcase c = {RA_FLOAT32, 16, 20, 30, 0, 1, 0, 0, 0, 3};
   bdata b = make_case(c, 2.0f);
   for (int64_t t = 0; t < c.nq; t++)
@@ -520,8 +608,7 @@ static void test_dead_rows_ignored(void) {
   ra_bwd_workspace *ws;
   void *mem = alloc_ws(c.d, &ws);
   out dq = make_out(c.nq, c.d, c.d, 0), dk = make_out(c.nk, c.d, c.d, 0), dv = make_out(c.nk, c.d, c.d, 0);
-  call_dq(ws, &b, 0, c.nq, 0, c.nk, RA_BWD_BLOCK_Q, &dq);
-  call_dkdv(ws, &b, 0, c.nq, 0, c.nk, RA_BWD_BLOCK_K, &dk, &dv);
+  call_entry(fused, ws, &b, RA_BWD_BLOCK_Q, RA_BWD_BLOCK_K, &dq, &dk, &dv);
   int p;
   CHECK(out_error(&dq, b.dq, &p) < 1e-4);
   CHECK(out_error(&dk, b.dk, &p) < 1e-4);
@@ -531,6 +618,11 @@ static void test_dead_rows_ignored(void) {
   free_out(&dq); free_out(&dk); free_out(&dv);
   free(mem);
   free_case(&b);
+}
+
+static void test_dead_rows_ignored(void) {
+  dead_rows_ignored_with(0);
+  dead_rows_ignored_with(1);
 }
 
 /* Finite differences in double of L = sum_i dO_i . o_i(q, k, v) on a tiny
@@ -555,15 +647,14 @@ static double fd_loss(const bcase *c, const double *q, const double *k, const do
   return L;
 }
 
-static void test_finite_differences(void) {
+static void finite_differences_with(int fused) {
   bcase c = {RA_FLOAT32, 5, 7, 9, 0, 2, 4, 0, 1, 0};
   bdata b = make_case(c, 1.0f);
   const int64_t d = c.d;
   ra_bwd_workspace *ws;
   void *mem = alloc_ws(d, &ws);
   out dq = make_out(c.nq, d, d, 0), dk = make_out(c.nk, d, d, 0), dv = make_out(c.nk, d, d, 0);
-  call_dq(ws, &b, 0, c.nq, 0, c.nk, RA_BWD_BLOCK_Q, &dq);
-  call_dkdv(ws, &b, 0, c.nq, 0, c.nk, RA_BWD_BLOCK_K, &dk, &dv);
+  call_entry(fused, ws, &b, RA_BWD_BLOCK_Q, RA_BWD_BLOCK_K, &dq, &dk, &dv);
   double *q = b.q.val, *k = b.k.val, *v = b.v.val;
   const double h = 1e-6;
   double worst = 0, big = 0;
@@ -588,30 +679,45 @@ static void test_finite_differences(void) {
   free_case(&b);
 }
 
-static void test_empty_and_invisible(void) {
+static void test_finite_differences(void) {
+  finite_differences_with(0);
+  finite_differences_with(1);
+}
+
+static void empty_and_invisible_with(int fused) {
   /* no queries / no keys / keys all after the queries: nothing is written */
   bcase c = {RA_FLOAT32, 8, 10, 10, 0, 1, 0, 50, 1, 0};
   bdata b = make_case(c, 1.0f);
   ra_bwd_workspace *ws;
   void *mem = alloc_ws(c.d, &ws);
   out dq = make_out(c.nq, c.d, c.d, 0), dk = make_out(c.nk, c.d, c.d, 0), dv = make_out(c.nk, c.d, c.d, 0);
-  call_dq(ws, &b, 0, c.nq, 0, c.nk, RA_BWD_BLOCK_Q, &dq);
-  call_dkdv(ws, &b, 0, c.nq, 0, c.nk, RA_BWD_BLOCK_K, &dk, &dv);
+  call_entry(fused, ws, &b, RA_BWD_BLOCK_Q, RA_BWD_BLOCK_K, &dq, &dk, &dv);
   ra_tokens none = {b.q.data, b.q.stride, 0, 0}, all_q = {b.q.data, b.q.stride, c.nq, 0};
   ra_tokens nokeys = {b.k.data, b.k.stride, 0, 0}, all_k = {b.k.data, b.k.stride, c.nk, 0};
-  ra_cpu_backward_dq(ws, c.dtype, c.d, b.scale, 0, 1, none, b.g.data, b.g.stride, b.lse, LSE_STRIDE,
+  K->backward_dq(ws, c.dtype, c.d, b.scale, 0, 1, none, b.g.data, b.g.stride, b.lse, LSE_STRIDE,
                      b.delta, DELTA_STRIDE, all_k, b.v.data, b.v.stride, dq.data, dq.stride);
-  ra_cpu_backward_dq(ws, c.dtype, c.d, b.scale, 0, 1, all_q, b.g.data, b.g.stride, b.lse, LSE_STRIDE,
+  K->backward_dq(ws, c.dtype, c.d, b.scale, 0, 1, all_q, b.g.data, b.g.stride, b.lse, LSE_STRIDE,
                      b.delta, DELTA_STRIDE, nokeys, b.v.data, b.v.stride, dq.data, dq.stride);
-  ra_cpu_backward_dkdv(ws, c.dtype, c.d, b.scale, 0, 1, none, b.g.data, b.g.stride, b.lse, LSE_STRIDE,
+  K->backward_dkdv(ws, c.dtype, c.d, b.scale, 0, 1, none, b.g.data, b.g.stride, b.lse, LSE_STRIDE,
                        b.delta, DELTA_STRIDE, all_k, b.v.data, b.v.stride, dk.data, dv.data, dk.stride);
-  ra_cpu_backward_dkdv(ws, c.dtype, c.d, b.scale, 0, 1, all_q, b.g.data, b.g.stride, b.lse, LSE_STRIDE,
+  K->backward_dkdv(ws, c.dtype, c.d, b.scale, 0, 1, all_q, b.g.data, b.g.stride, b.lse, LSE_STRIDE,
                        b.delta, DELTA_STRIDE, nokeys, b.v.data, b.v.stride, dk.data, dv.data, dk.stride);
+  if (fused) {
+    K->backward(ws, c.dtype, c.d, b.scale, 0, 1, none, b.g.data, b.g.stride, b.lse, LSE_STRIDE, b.delta,
+                DELTA_STRIDE, all_k, b.v.data, b.v.stride, dq.data, dq.stride, dk.data, dv.data, dk.stride);
+    K->backward(ws, c.dtype, c.d, b.scale, 0, 1, all_q, b.g.data, b.g.stride, b.lse, LSE_STRIDE, b.delta,
+                DELTA_STRIDE, nokeys, b.v.data, b.v.stride, dq.data, dq.stride, dk.data, dv.data, dk.stride);
+  }
   for (int64_t i = 0; i < c.nq * c.d; i++) CHECK(dq.data[i] == (float)dq.init[i]);
   for (int64_t i = 0; i < c.nk * c.d; i++) CHECK(dk.data[i] == (float)dk.init[i] && dv.data[i] == (float)dv.init[i]);
   free_out(&dq); free_out(&dk); free_out(&dv);
   free(mem);
   free_case(&b);
+}
+
+static void test_empty_and_invisible(void) {
+  empty_and_invisible_with(0);
+  empty_and_invisible_with(1);
 }
 
 /* ------------------------------------------------------------------ bench */
@@ -623,6 +729,7 @@ static double now(void) {
 }
 
 static int bench(int64_t n, int64_t d, int causal) {
+  CHECK(ra_cpu_kernels_for(ra_exec_default().cpu_isa, &K) == RA_OK); /* RINGATTN_CPU_ISA */
   ra_bwd_workspace *ws;
   void *mem = alloc_ws(d, &ws);
   float *q = malloc(sizeof(float) * (size_t)(n * d)), *k = malloc(sizeof(float) * (size_t)(n * d)),
@@ -641,38 +748,43 @@ static int bench(int64_t n, int64_t d, int causal) {
   /* one call per block, as a parallel caller would (BWD_BLOCK=n: one call) */
   const char *blk = getenv("BWD_BLOCK");
   const int64_t bq = blk ? atoll(blk) : RA_BWD_BLOCK_Q, bk = blk ? atoll(blk) : RA_BWD_BLOCK_K;
-  double best_q = INFINITY, best_kv = INFINITY, best_f = INFINITY;
-  size_t fbytes = ra_workspace_bytes(d);
+  double best_q = INFINITY, best_kv = INFINITY, best_f = INFINITY, best_fused = INFINITY;
+  size_t fbytes = K->workspace_bytes(d);
   void *fmem = aligned_alloc(64, (fbytes + 63) / 64 * 64);
-  ra_workspace *fws = ra_workspace_init(fmem, d);
+  ra_workspace *fws = K->workspace_init(fmem, d);
   float *acc = calloc((size_t)(n * d), sizeof(float)), *flse = malloc(sizeof(float) * (size_t)n);
   for (int rep = 0; rep < 5; rep++) {
     double t = now();
     for (int64_t i = 0; i < n; i += bq) {
       int64_t m = n - i < bq ? n - i : bq;
       ra_tokens tq = {q + i * d, d, m, i}, tk = {k, d, n, 0};
-      ra_cpu_backward_dq(ws, RA_FLOAT32, d, scale, causal, 1, tq, g + i * d, d, lse + i, 1,
+      K->backward_dq(ws, RA_FLOAT32, d, scale, causal, 1, tq, g + i * d, d, lse + i, 1,
                          delta + i, 1, tk, v, d, dq + i * d, d);
     }
     double t1 = now();
     for (int64_t j = 0; j < n; j += bk) {
       int64_t m = n - j < bk ? n - j : bk;
       ra_tokens tq = {q, d, n, 0}, tk = {k + j * d, d, m, j};
-      ra_cpu_backward_dkdv(ws, RA_FLOAT32, d, scale, causal, 1, tq, g, d, lse, 1, delta, 1, tk,
+      K->backward_dkdv(ws, RA_FLOAT32, d, scale, causal, 1, tq, g, d, lse, 1, delta, 1, tk,
                            v + j * d, d, dk + j * d, dv + j * d, d);
     }
     double t2 = now();
+    if (t2 - t1 < best_kv) best_kv = t2 - t1;
+    ra_tokens fq = {q, d, n, 0}, fk = {k, d, n, 0};
+    K->backward(ws, RA_FLOAT32, d, scale, causal, 1, fq, g, d, lse, 1, delta, 1, fk, v, d, dq, d, dk, dv, d);
+    double t2f = now();
+    if (t2f - t2 < best_fused) best_fused = t2f - t2;
+    t2 = now();
     for (int64_t i = 0; i < n * d; i++) acc[i] = 0.0f;
     for (int64_t i = 0; i < n; i++) flse[i] = -INFINITY;
     double t3 = now();
     for (int64_t i = 0; i < n; i += RA_CPU_BLOCK_Q) {
       int64_t m = n - i < RA_CPU_BLOCK_Q ? n - i : RA_CPU_BLOCK_Q;
       ra_tokens tq = {q + i * d, d, m, i}, tk = {k, d, n, 0};
-      ra_cpu_attend(fws, RA_FLOAT32, d, scale, causal, 1, tq, tk, v, d, acc + i * d, d, flse + i, 1);
+      K->attend(fws, RA_FLOAT32, d, scale, causal, 1, tq, tk, v, d, acc + i * d, d, flse + i, 1);
     }
     double t4 = now();
     if (t1 - t < best_q) best_q = t1 - t;
-    if (t2 - t1 < best_kv) best_kv = t2 - t1;
     if (t4 - t3 < best_f) best_f = t4 - t3;
   }
   const double mm = 2.0 * (double)n * (double)n * (double)d * (causal ? 0.5 : 1.0); /* one matmul */
@@ -682,6 +794,8 @@ static int bench(int64_t n, int64_t d, int causal) {
   printf("  ra_cpu_backward_dkdv   %8.2f ms  %6.1f GFLOP/s real (4 matmuls)\n", best_kv * 1e3, 4 * mm / best_kv * 1e-9);
   printf("  backward total         %8.2f ms  %6.1f GFLOP/s nominal (2.5 x forward 4n^2d), %6.1f real (7 matmuls)\n",
          (best_q + best_kv) * 1e3, 5 * mm / (best_q + best_kv) * 1e-9, 7 * mm / (best_q + best_kv) * 1e-9);
+  printf("  ra_cpu_backward (fused) %7.2f ms  %6.1f GFLOP/s nominal, %6.1f real (5 matmuls)\n", best_fused * 1e3,
+         5 * mm / best_fused * 1e-9, 5 * mm / best_fused * 1e-9);
   free(q); free(k); free(v); free(g); free(dq); free(dk); free(dv); free(lse); free(delta);
   free(acc); free(flse); free(fmem); free(mem);
   return 0;
@@ -694,6 +808,7 @@ int main(int argc, char **argv) {
     return bench(n, d, causal);
   }
   verbose = argc > 1 && strcmp(argv[1], "-v") == 0;
+  static const ra_cpu_isa isas[] = {RA_CPU_ISA_BASELINE, RA_CPU_ISA_AVX2, RA_CPU_ISA_AVX512};
   static const test_case tests[] = {
       {"fp32_matches_naive", test_fp32},
       {"fp16_matches_naive", test_fp16},
@@ -705,6 +820,15 @@ int main(int argc, char **argv) {
       {"empty_and_invisible", test_empty_and_invisible},
       {"stale_workspace", test_stale_workspace},
       {"overflowing_then_normal", test_overflowing_then_normal},
+      {"chunk_and_block_edges", test_chunk_and_block_edges},
   };
-  return run_tests(tests, sizeof tests / sizeof tests[0]);
+  int failed = 0;
+  for (int i = 0; i < 3; i++) {
+    if (!ra_cpu_isa_supported(isas[i])) continue;
+    CHECK(ra_cpu_kernels_for(isas[i], &K) == RA_OK);
+    rng_state = 0x9e3779b97f4a7c15ull; /* every variant sees the same data */
+    printf("-- %s kernels\n", ra_cpu_isa_name(isas[i]));
+    failed |= run_tests(tests, sizeof tests / sizeof tests[0]);
+  }
+  return failed;
 }

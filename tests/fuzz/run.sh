@@ -26,19 +26,29 @@ fi
 # the core as meson builds it (-march=native) without CUDA, MPI and NCCL:
 # every C source of csrc/ but the MPI and NCCL transports (their stubs
 # instead), and cuda/absent.c
+# The files meson compiles once per ISA are compiled here once, as the
+# baseline variant (their names suffixed by csrc/cpu/isa_names.h).
 sources=()
 for f in csrc/core/*.c csrc/ring/*.c csrc/cpu/*.c csrc/transport/*.c; do
   case "$f" in
     csrc/transport/mpi.c | csrc/transport/nccl.c) ;;
+    csrc/cpu/kernel.c | csrc/cpu/backward.c | csrc/cpu/isa_table.c) ;;
     *) sources+=("$f") ;;
   esac
 done
 sources+=(cuda/absent.c)
 
-"$cc" -g -O1 -std=c11 -D_POSIX_C_SOURCE=200809L -Icsrc \
-  -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer \
-  -march=native -Wno-unknown-pragmas -Wno-psabi \
-  tests/fuzz/fuzz_plan.c "${sources[@]}" -lm -lpthread -o "$out/fuzz_plan"
+flags=(-g -O1 -std=c11 -D_POSIX_C_SOURCE=200809L -Icsrc
+  -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+  -march=native -Wno-unknown-pragmas -Wno-psabi)
+isa_objects=()
+for f in csrc/cpu/kernel.c csrc/cpu/backward.c csrc/cpu/isa_table.c; do
+  obj="$out/$(basename "$f" .c)_baseline.o"
+  "$cc" "${flags[@]}" -DRA_ISA_SUFFIX=_baseline -include csrc/cpu/isa_names.h \
+    -c "$f" -o "$obj"
+  isa_objects+=("$obj")
+done
+"$cc" "${flags[@]}" tests/fuzz/fuzz_plan.c "${sources[@]}" "${isa_objects[@]}" -lm -lpthread -o "$out/fuzz_plan"
 
 # leaks count as failures (detect_leaks); a failed allocation is a path under
 # test, not a crash (allocator_may_return_null); one input may take 10 s
