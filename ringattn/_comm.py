@@ -85,7 +85,7 @@ class Communicator:
         return self
 
     @classmethod
-    def from_torch(cls, group=None, timeout="default"):
+    def from_torch(cls, group=None, timeout="default", *, unverified_nccl=False):
         """A communicator over the ranks of an initialised torch.distributed
         process group (the default group for None); collective over it.
 
@@ -94,8 +94,10 @@ class Communicator:
         CPU job under torchrun needs no MPI; tensors are CPU tensors, this
         rank's shards.  NCCL groups: an NCCL communicator on this rank's
         current CUDA device (torch.cuda.current_device()), its unique id
-        broadcast through the group (not run on a GPU yet).  A group with
-        both (init_process_group() without a backend) gives NCCL.
+        broadcast through the group.  That NCCL path has not run on a GPU
+        yet, so it is opt-in: an NCCL group raises RuntimeError unless
+        unverified_nccl=True.  A group with both (init_process_group()
+        without a backend) gives NCCL.
         timeout: seconds any wait of a call may last (None: forever); the
         default is 600 s for gloo, none for NCCL (opt-in, as nccl()).
         The failure model is the MPI communicator's (docs/design.md): a
@@ -107,6 +109,11 @@ class Communicator:
             timeout = DEFAULT_TIMEOUT if backend == "gloo" else None
         seconds = _timeout(timeout)
         if backend == "nccl":
+            if not unverified_nccl:
+                raise RuntimeError(
+                    "Communicator.from_torch on an NCCL process group has not run on a GPU yet, so it is "
+                    "opt-in: pass unverified_nccl=True to use it (or build the communicator with "
+                    "Communicator.nccl(...) and pass comm=)")
             self = cls(_torch_comm.nccl_communicator(group, seconds))
         else:
             rank, size, ident, transport = _torch_comm.gloo_communicator(group)

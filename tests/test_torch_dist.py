@@ -113,3 +113,25 @@ def test_timeout():
                                        "peers to join the call"), out
     elapsed = next(float(f["elapsed"]) for r, f in records["RAISED"] if r == 0 and f["label"] == "call1")
     assert TIMEOUT <= elapsed < TIMEOUT + 2.0, out
+
+
+def test_from_torch_nccl_is_opt_in(monkeypatch):
+    """The NCCL path has not run on a GPU: an NCCL group is refused unless the
+    caller opts in, and the refusal says how (no process group needed: the
+    group's backend is faked)."""
+    from ringattn import _torch_comm
+
+    class Reached(Exception):
+        pass
+
+    def creator(group, seconds):
+        raise Reached(group, seconds)
+
+    monkeypatch.setattr(_torch_comm, "resolve_group", lambda group: (None, "fake-group"))
+    monkeypatch.setattr(_torch_comm, "group_backend", lambda group: "nccl")
+    monkeypatch.setattr(_torch_comm, "nccl_communicator", creator)
+    with pytest.raises(RuntimeError, match="unverified_nccl=True"):
+        ringattn.Communicator.from_torch()
+    with pytest.raises(Reached) as got:  # opted in: the NCCL creation is reached
+        ringattn.Communicator.from_torch(unverified_nccl=True)
+    assert got.value.args == ("fake-group", 0.0)  # 0: no timeout
