@@ -5,6 +5,7 @@
  * only); the CPU says which of them it runs (cpuid, with the OS's support
  * for the wider registers, through __builtin_cpu_supports).
  */
+#include <pthread.h>
 #include <string.h>
 
 #include "cpu/isa.h"
@@ -49,22 +50,30 @@ static int has_f16c(void) {
 }
 #endif
 
-/* The CPU (and the OS, for the register state) runs the instructions the
- * variant was compiled with (meson.build: isa_variants). */
-static int cpu_runs(ra_cpu_isa isa) {
+/* What the CPU (and the OS, for the register state) runs, asked once: cpuid
+ * is slow under a hypervisor (a VM exit each time, tens of microseconds),
+ * and a call asks several times. */
+static int runs_mask; /* bit i: the CPU runs variant i */
+static pthread_once_t runs_once = PTHREAD_ONCE_INIT;
+
+static void probe_cpu(void) {
+  int mask = 1 << RA_CPU_ISA_AUTO | 1 << RA_CPU_ISA_BASELINE;
 #ifdef RA_X86_CPUID
   __builtin_cpu_init();
   const int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && has_f16c();
-  switch (isa) {
-    case RA_CPU_ISA_AVX2: return avx2;
-    case RA_CPU_ISA_AVX512:
-      return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-             __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-    default: return 1;
-  }
-#else
-  return isa == RA_CPU_ISA_BASELINE || isa == RA_CPU_ISA_AUTO;
+  const int avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                     __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  if (avx2) mask |= 1 << RA_CPU_ISA_AVX2;
+  if (avx512) mask |= 1 << RA_CPU_ISA_AVX512;
 #endif
+  runs_mask = mask;
+}
+
+/* The CPU runs the instructions the variant was compiled with (meson.build:
+ * isa_variants). */
+static int cpu_runs(ra_cpu_isa isa) {
+  pthread_once(&runs_once, probe_cpu);
+  return known(isa) && (runs_mask >> isa & 1);
 }
 
 int ra_cpu_isa_supported(ra_cpu_isa isa) { return known(isa) && table(isa == RA_CPU_ISA_AUTO ? RA_CPU_ISA_BASELINE : isa) && cpu_runs(isa); }
