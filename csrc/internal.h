@@ -28,13 +28,25 @@ ra_status ra_fail(ra_status status, const char *fmt, ...)
 
 /* The plan: the validated configuration plus what the schedule needs. */
 struct ra_plan {
-  ra_config cfg;          /* scale already resolved                        */
+  ra_config cfg;          /* scale and num_kv_heads already resolved       */
   int64_t local_len;      /* L                                             */
+  int64_t chunk_len;      /* C: L (contiguous), n / (2k) (zigzag)          */
+  int64_t group;          /* query heads per key/value head, h / h_kv      */
   ra_branch_info branch[RA_MAX_BRANCHES];
   /* offset[i * num_heads + h]: offset of head h in branch i, -1 if unused */
   int64_t *offset;
   int refs; /* holders of a cached plan (the cache is one); 0: not cached */
+  /* Grouped-query attention: the *slots* of branch i are its distinct
+   * (key/value head, offset) pairs, the key/value runs its heads read.
+   * slot[i * num_heads + h]: the slot head h reads (-1 if unused), numbered
+   * from 0 in head order; slot_head[i * num_heads + s]: the first query
+   * head of slot s; num_slots[i] of them (num_heads in MHA). */
+  int64_t *slot, *slot_head;
+  int64_t num_slots[RA_MAX_BRANCHES];
 };
+
+/* Key/value head of query head h: h / (h / h_kv). */
+static inline int64_t ra_kv_head(const ra_plan *p, int64_t h) { return h / p->group; }
 
 /* The plan of `cfg` from a small process-wide cache (thread-safe, bounded,
  * least recently used out): a call whose shapes and configuration repeat

@@ -66,8 +66,19 @@ typedef enum ra_mode {
 
 #define RA_MAX_BRANCHES 16
 
+/* Which positions each rank holds (docs/semantics.md, "Ring partition"). */
+typedef enum ra_partition {
+  RA_PARTITION_CONTIGUOUS = 0, /* rank j: [jL, (j+1)L), L = n / k                  */
+  RA_PARTITION_ZIGZAG = 1      /* 2k chunks of C = n / (2k); rank j: chunks j and
+                                * 2k-1-j, in that order (balances causal work)   */
+} ra_partition;
+
 typedef struct ra_config {
   int64_t batch, seq_len, num_heads, head_dim; /* b, n, h, d (full sequence) */
+  /* Grouped-query attention: heads of k and v (and dk, dv), dividing
+   * num_heads; query head h reads key/value head h / (num_heads /
+   * num_kv_heads).  0 means num_heads (ordinary multi-head attention). */
+  int64_t num_kv_heads;
   int num_branches;                            /* G                          */
   int64_t segment_lengths[RA_MAX_BRANCHES];
   int64_t dilation_rates[RA_MAX_BRANCHES];
@@ -76,6 +87,7 @@ typedef struct ra_config {
   double scale;   /* softmax scale; 0 means 1/sqrt(head_dim) */
   int world_size; /* k ranks, each holding seq_len / k positions */
   ra_dtype dtype;
+  ra_partition partition;
 } ra_config;
 
 /* Fill a config with defaults (non-causal, groups, default scale, 1 rank, fp32). */
@@ -96,12 +108,16 @@ const ra_config *ra_plan_config(const ra_plan *plan);
 /* Positions per rank, L = n / k. */
 int64_t ra_plan_local_len(const ra_plan *plan);
 
-/* How branch i is distributed: span = S_i / L ranks exchange keys/values
- * (span 1 means the branch is local and never communicates). */
+/* Positions per chunk of the partition: L (contiguous), n / (2k) (zigzag). */
+int64_t ra_plan_chunk_len(const ra_plan *plan);
+
+/* How branch i is distributed: span = S_i / C chunks (C = ra_plan_chunk_len:
+ * ranks for the contiguous partition) exchange keys/values (span 1 means
+ * the branch is local and never communicates). */
 typedef struct ra_branch_info {
   int64_t segment;   /* effective segment length S_i = min(s_i, n) */
   int64_t rate;      /* r_i */
-  int64_t span;      /* ranks per segment; 1 when L % S_i == 0     */
+  int64_t span;      /* chunks per segment; 1 when C % S_i == 0    */
   int64_t head_begin, head_end; /* heads taking part: [begin, end) */
 } ra_branch_info;
 ra_status ra_plan_branch(const ra_plan *plan, int branch, ra_branch_info *info);
@@ -130,6 +146,11 @@ typedef struct ra_stats {
   int64_t bytes_received;
   int64_t steps;          /* (branch, ring step) blocks computed         */
   int64_t steps_skipped;  /* blocks skipped: nothing visible (causal)    */
+  int64_t ring_buffer_bytes; /* the largest ring buffers held at once: the
+                              * two slots of a spanning branch, one sub-block
+                              * each (ra_exec.ring_sub_blocks); 0 with none */
+  int64_t pairs;          /* (query, key) pairs attended, summed over the
+                           * batch, the query heads and the branches       */
 } ra_stats;
 
 /* --------------------------------------------------------------- the call */
@@ -181,6 +202,16 @@ typedef struct ra_exec {
                       * the legacy default stream); the call returns once its
                       * outputs are written */
   ra_cpu_isa cpu_isa; /* CPU kernels' instruction set (RA_CPU_ISA_AUTO)      */
+  int ring_sub_blocks; /* S: a spanning branch's blocks travel in sub-blocks
+                        * of at most 1/S of a block through two slots (in
+                        * flight: 2 sub-blocks, not 2 blocks); <= 0: 8 on the
+                        * CPU, 1 (whole blocks) for CUDA tensors (streaming
+                        * has not run on a GPU yet: opt-in there).  Default
+                        * from RINGATTN_RING_SUB_BLOCKS; the same on every
+                        * rank (a communicator's agreement checks it)       */
+  int cuda_gqa;      /* CUDA: allow num_kv_heads < num_heads (the driver's
+                      * head arithmetic, never run on a GPU yet: opt-in,
+                      * default from RINGATTN_CUDA_GQA=1)                    */
 } ra_exec;
 
 ra_exec ra_exec_default(void);
@@ -355,6 +386,8 @@ typedef struct ra_agreement {
                                * refuses its input)                      */
   ra_device_type device_type; /* where the call's tensors live (with cfg) */
   uint64_t bytes;             /* gather: bytes this rank contributes      */
+  int ring_sub_blocks;        /* with cfg: ra_ring_sub_blocks of the call
+                               * (0: not compared)                      */
 } ra_agreement;
 
 /* Collective agreement before any traffic of a call: each rank brings its

@@ -391,6 +391,13 @@ static ra_status cuda_supports(const ra_call *call) {
   if (p->cfg.dtype == RA_FLOAT64)
     return ra_fail(RA_ERR_UNSUPPORTED, "dtype: float64 is supported by the CPU backend only");
   RA_TRY(ra_cuda_check_head_dim(p->cfg.head_dim));
+  /* Grouped-query attention is the driver's head arithmetic on the same
+   * kernels, but it has not run on a GPU yet: opt-in. */
+  if (p->cfg.num_kv_heads > 0 && p->cfg.num_kv_heads != p->cfg.num_heads && !p->exec.cuda_gqa)
+    return ra_fail(RA_ERR_UNSUPPORTED,
+                   "k: grouped-query attention (%lld key/value heads for %lld query heads) has not been run on a "
+                   "GPU yet; set RINGATTN_CUDA_GQA=1 to use it unverified",
+                   (long long)p->cfg.num_kv_heads, (long long)p->cfg.num_heads);
   if (ra_cuda_device_count() == 0) return ra_fail(RA_ERR_UNSUPPORTED, "no CUDA device");
   return ra_cuda_check_device(p->exec.device, "device");
 }

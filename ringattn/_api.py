@@ -79,13 +79,26 @@ class RingDilatedAttention:
     """Ring dilated attention over `world_size` ranks.
 
     Calling it with full-length q, k, v runs world_size ranks in this process
-    (one thread each): rank j holds only positions [j*L, (j+1)*L) of q, k, v
-    and o, and key/value blocks travel the ring through the core's in-process
+    (one thread each): rank j holds only its positions of q, k, v and o, and
+    key/value blocks travel the ring through the core's in-process
     transport.  The full output is returned; it equals dilated_attention's.
     With comm= (a Communicator) each process is one rank and passes its own
-    shards.  After a call, last_stats maps "peak_bytes", "bytes_sent",
-    "bytes_received", "steps" and "steps_skipped" to one int per rank (this
-    rank's only, with comm=).
+    shards (split_sequence with the same partition).  After a call,
+    last_stats maps "peak_bytes", "bytes_sent", "bytes_received", "steps",
+    "steps_skipped" and "pairs" (the (query, key) pairs attended) to one int
+    per rank (this rank's only, with comm=).
+
+    partition="contiguous" (default): rank j holds positions [j*L, (j+1)*L),
+    L = n / world_size.  partition="zigzag": the sequence is cut into
+    2 * world_size chunks of C = n / (2 * world_size) positions and rank j
+    holds chunks j and 2*world_size-1-j, in that order, which balances causal
+    work between the ranks.  Each branch's segment length must divide the
+    chunk (L or C) or be a multiple of it.
+
+    k and v may have fewer heads than q (grouped-query / multi-query
+    attention): h_kv dividing h, query head i reading key/value head
+    i // (h // h_kv); only the h_kv heads travel the ring, and dk, dv have
+    k's shape.
 
     Threads: one instance may be called from several threads at once.  What
     a call keeps is per thread: backward() differentiates the calling
@@ -96,7 +109,8 @@ class RingDilatedAttention:
     """
 
     def __init__(self, segment_lengths, dilation_rates, *, causal=False, mode="groups", scale=None,
-                 world_size=None, nan_policy="raise", num_threads=None, comm=None, device=None):
+                 world_size=None, nan_policy="raise", num_threads=None, comm=None, device=None,
+                 partition="contiguous"):
         if comm is not None and not isinstance(comm, Communicator):
             raise TypeError(f"comm must be a ringattn.Communicator, got {type(comm).__name__}")
         if comm is None:
@@ -106,7 +120,8 @@ class RingDilatedAttention:
                 raise ValueError(f"world_size={world_size} but comm has {comm.world_size} ranks")
             world = comm.world_size
         self._cfg = check.config(segment_lengths, dilation_rates, causal, mode, scale, world, nan_policy,
-                                 num_threads)
+                                 num_threads, partition)
+        self.partition = partition
         self.segment_lengths, self.dilation_rates = self._cfg.segment_lengths, self._cfg.dilation_rates
         self.causal = self._cfg.causal
         self.mode, self.scale, self.nan_policy = mode, scale, nan_policy
@@ -120,7 +135,7 @@ class RingDilatedAttention:
     def __repr__(self):
         return (f"RingDilatedAttention(segment_lengths={self.segment_lengths}, "
                 f"dilation_rates={self.dilation_rates}, causal={self.causal}, mode={self.mode!r}, "
-                f"scale={self.scale}, world_size={self.world_size})")
+                f"scale={self.scale}, world_size={self.world_size}, partition={self.partition!r})")
 
     # ------------------------------------------------ per-thread call state
     @property
@@ -141,16 +156,20 @@ class RingDilatedAttention:
         self.__dict__.update(state)
         self._state = _CallState()
 
-    def plan(self, q_shape):
-        """The schedule for inputs of shape (b, n, h, d): local length, and per
-        branch its segment, rate, span (ranks per segment) and heads."""
+    def plan(self, q_shape, num_kv_heads=None):
+        """The schedule for inputs of shape (b, n, h, d) (and num_kv_heads
+        key/value heads, default h): local length, chunk length (the local
+        length, or n / (2 * world_size) for zigzag), and per branch its
+        segment, rate, span (chunks per segment) and heads."""
         shape = tuple(int(x) for x in q_shape)
         if len(shape) != 4 or any(x < 1 for x in shape):
             raise ValueError(f"q_shape must be 4 positive sizes (batch, seq, heads, head_dim), got {shape}")
         check.addressable(shape, "q")
         b, n, h, d = shape
         c = self._cfg
-        return _ext.plan(b, n, h, d, c.segment_lengths, c.dilation_rates, c.causal, c.mode, c.scale, c.world_size)
+        hkv = 0 if num_kv_heads is None else check.positive_int(num_kv_heads, "num_kv_heads")
+        return _ext.plan(b, n, h, d, c.segment_lengths, c.dilation_rates, c.causal, c.mode, c.scale, c.world_size,
+                         hkv, c.partition)
 
     def __call__(self, q, k, v, *, return_lse=False, out=None, requires_grad=False):
         """Full-length q, k, v (in-process ranks), or with comm= this rank's
@@ -275,9 +294,27 @@ def cuda_forward_ptr(q_ptr, k_ptr, v_ptr, o_ptr, shape, dtype, segment_lengths, 
     return list(stats)
 
 
-def split_sequence(x, world_size=None, rank=None, *, comm=None):
-    """Rank `rank`'s shard of x along the sequence axis (axis 1): a view.
-    With comm=, world_size and rank default to the communicator's."""
+def _shard_positions(n, world_size, rank, partition):
+    """The positions rank `rank` holds of a sequence of length n: one slice
+    (contiguous) or two (zigzag: chunks rank and 2*world_size-1-rank)."""
+    code = check.partition(partition)
+    parts = world_size * (2 if code else 1)
+    if n % parts:
+        what = "2 * world_size" if code else "world_size"
+        raise ValueError(f"world_size={world_size}: {what} = {parts} does not divide the sequence length {n}"
+                         + (' (partition="zigzag")' if code else ""))
+    c = n // parts
+    if not code:
+        return [slice(rank * c, (rank + 1) * c)]
+    mirror = 2 * world_size - 1 - rank
+    return [slice(rank * c, (rank + 1) * c), slice(mirror * c, (mirror + 1) * c)]
+
+
+def split_sequence(x, world_size=None, rank=None, *, comm=None, partition="contiguous"):
+    """Rank `rank`'s shard of x along the sequence axis (axis 1): a view for
+    partition="contiguous", for "zigzag" a new array holding chunks rank and
+    2*world_size-1-rank of the 2*world_size chunks, in that order.  With
+    comm=, world_size and rank default to the communicator's."""
     if comm is not None:
         world_size = comm.world_size if world_size is None else world_size
         rank = comm.rank if rank is None else rank
@@ -291,15 +328,22 @@ def split_sequence(x, world_size=None, rank=None, *, comm=None):
     x = np.asarray(x)
     if x.ndim < 2:
         raise ValueError(f"x must have a sequence axis (axis 1), got shape {x.shape}")
-    n = x.shape[1]
-    if n % world_size:
-        raise ValueError(f"world_size={world_size} does not divide the sequence length {n}")
-    L = n // world_size
-    return x[:, rank * L:(rank + 1) * L]
+    parts = _shard_positions(x.shape[1], world_size, int(rank), partition)
+    if len(parts) == 1:
+        return x[:, parts[0]]
+    return np.concatenate([x[:, p] for p in parts], axis=1)
 
 
-def gather_sequence(shards, *, comm=None):
-    """Concatenate per-rank shards along the sequence axis (axis 1).
+def _unzigzag(shards):
+    """The full sequence from every rank's zigzag shard, in rank order."""
+    k = len(shards)
+    halves = [np.split(np.asarray(s), 2, axis=1) for s in shards]
+    return np.concatenate([halves[c][0] for c in range(k)] + [halves[k - 1 - c][1] for c in range(k)], axis=1)
+
+
+def gather_sequence(shards, *, comm=None, partition="contiguous"):
+    """Concatenate per-rank shards along the sequence axis (axis 1), undoing
+    split_sequence with the same partition.
 
     With comm=, `shards` is this rank's shard and every rank receives the
     whole sequence (an allgather over the communicator).  That is a
@@ -307,9 +351,12 @@ def gather_sequence(shards, *, comm=None):
     byte count), and an exception on any rank before then raises on all."""
     if comm is not None:
         try:
+            zigzag = check.partition(partition)
             local = np.ascontiguousarray(shards)
             if local.ndim < 2:
                 raise ValueError(f"shards must have a sequence axis (axis 1), got shape {local.shape}")
+            if zigzag and local.shape[1] % 2:
+                raise ValueError(f'shards: a zigzag shard holds two chunks of equal length, got length {local.shape[1]}')
             recv = np.empty((comm.world_size,) + local.shape, dtype=local.dtype)
             send_bytes, recv_bytes = local.view(np.uint8).reshape(-1), recv.view(np.uint8).reshape(-1)
             handle = comm.handle()
@@ -317,8 +364,14 @@ def gather_sequence(shards, *, comm=None):
             _call.refuse(comm, e, "gather")
             raise
         _ext.comm_allgather(handle, send_bytes, recv_bytes)
-        return np.concatenate(list(recv), axis=1)
+        return _unzigzag(list(recv)) if zigzag else np.concatenate(list(recv), axis=1)
+    zigzag = check.partition(partition)
     shards = list(shards)
     if not shards:
         raise ValueError("shards must not be empty")
+    if zigzag:
+        lengths = {np.asarray(s).shape[1] if np.asarray(s).ndim >= 2 else -1 for s in shards}
+        if len(lengths) != 1 or min(lengths) < 0 or min(lengths) % 2:
+            raise ValueError("shards: zigzag shards must all have one even length along axis 1 (two chunks each)")
+        return _unzigzag(shards)
     return np.concatenate([np.asarray(s) for s in shards], axis=1)

@@ -108,7 +108,7 @@ class _Call:
             self._replace(name, check.copy_for_core(self.tensors[name]))
         q = self.tensors["q"]
         if on == "cuda":
-            check.plan_rules(cfg, q.shape, 1 if comm is None else comm.world_size)
+            check.plan_rules(cfg, q.shape, 1 if comm is None else comm.world_size, self.tensors["k"].shape[2])
         device = -1
         if on == "cuda":
             _arrays.require_gpu()
@@ -130,6 +130,7 @@ class _Call:
                     device_type=_ext.DEVICE_CPU if on == "cpu" else _ext.DEVICE_CUDA,
                     segment_lengths=cfg.segment_lengths, dilation_rates=cfg.dilation_rates, causal=cfg.causal,
                     mode=cfg.mode, scale=cfg.scale, world_size=cfg.world_size if comm is None else comm.world_size,
+                    partition=cfg.partition,
                     num_threads=cfg.num_threads if on == "cpu" else 0,
                     check_finite=cfg.check_finite and on == "cpu", device=device,
                     stream=0 if stream in (None, _arrays.LEGACY_STREAM) else stream, comm=handle)
@@ -160,7 +161,8 @@ class _Call:
         q = self.tensors["q"]
         b, n, h, _ = q.shape
         if self.backward:
-            wanted = [(name, q.shape, q.dtype) for name in ("dq", "dk", "dv")]
+            k = self.tensors["k"]  # dk, dv: k's shape (h_kv heads)
+            wanted = [("dq", q.shape, q.dtype), ("dk", k.shape, q.dtype), ("dv", k.shape, q.dtype)]
         else:
             wanted = [("out", q.shape, q.dtype)]
             if return_lse:

@@ -22,6 +22,7 @@ import numpy as np
 from . import _arrays, _ext
 
 MODES = {"groups": 0, "longnet": 1}
+PARTITIONS = {"contiguous": 0, "zigzag": 1}
 NAN_POLICIES = ("raise", "propagate")
 
 
@@ -37,13 +38,14 @@ class Config(NamedTuple):
     world_size: int      # in-process ranks (a communicator's size with comm=)
     check_finite: bool   # nan_policy == "raise"
     num_threads: int     # 0: the default
+    partition: int = 0   # PARTITIONS value
 
 
 def config(segment_lengths, dilation_rates, causal=False, mode_="groups", scale_=None, world_size=1,
-           nan_policy_="raise", num_threads_=None):
+           nan_policy_="raise", num_threads_=None, partition_="contiguous"):
     segs, rates = branches(segment_lengths, dilation_rates)
     return Config(segs, rates, bool(causal), mode(mode_), scale(scale_), positive_int(world_size, "world_size"),
-                  nan_policy(nan_policy_), num_threads(num_threads_))
+                  nan_policy(nan_policy_), num_threads(num_threads_), partition(partition_))
 
 
 def int_list(values, name):
@@ -76,6 +78,14 @@ def mode(value):
     if not isinstance(value, str) or value not in MODES:
         raise ValueError(f"mode must be one of {sorted(MODES)}, got {value!r}")
     return MODES[value]
+
+
+def partition(value):
+    """Which positions each rank holds: "contiguous" (rank j: [j*L, (j+1)*L))
+    or "zigzag" (rank j: chunks j and 2k-1-j of n/(2k) positions)."""
+    if not isinstance(value, str) or value not in PARTITIONS:
+        raise ValueError(f"partition must be one of {sorted(PARTITIONS)}, got {value!r}")
+    return PARTITIONS[value]
 
 
 def scale(value):
@@ -144,14 +154,15 @@ def addressable(shape, name="q"):
                          f"address (at most {MAX_ELEMENTS})")
 
 
-def plan_rules(cfg, shape, ranks=1):
+def plan_rules(cfg, shape, ranks=1, num_kv_heads=0):
     """The core's plan rules for inputs of `shape` (this rank's shard when
-    `ranks` processes hold one each): ValueError/TypeError naming the
-    argument, before anything is allocated or a GPU is looked for."""
+    `ranks` processes hold one each) with num_kv_heads key/value heads (0:
+    as many as q): ValueError/TypeError naming the argument, before anything
+    is allocated or a GPU is looked for."""
     b, n, h, d = shape
     addressable((b, n * ranks, h, d))
     _ext.plan(b, n * ranks, h, d, cfg.segment_lengths, cfg.dilation_rates, cfg.causal, cfg.mode, cfg.scale,
-              cfg.world_size)
+              cfg.world_size, num_kv_heads, cfg.partition)
 
 
 def lse_dtype(dtype):
@@ -257,6 +268,17 @@ def like_q(t, q):
         raise ValueError(f"{t.name} has shape {t.shape} but {q.name} has {q.shape}; they must match")
 
 
+def kv_shape(k, q):
+    """k of a grouped-query call: q's batch, length and head dim, with h_kv
+    heads dividing q's h (h_kv = h: multi-head, 1: multi-query)."""
+    if k.dtype != q.dtype:
+        raise TypeError(f"{k.name} has dtype {k.dtype} but {q.name} has {q.dtype}; they must match")
+    b, n, h, d = q.shape
+    if len(k.shape) != 4 or (k.shape[0], k.shape[1], k.shape[3]) != (b, n, d) or h % k.shape[2]:
+        raise ValueError(f"{k.name} has shape {k.shape} but must be ({b}, {n}, h_kv, {d}) with h_kv dividing the "
+                         f"{h} heads of {q.name} (grouped-query attention), given {q.name} of shape {q.shape}")
+
+
 def layout_problem(t, contiguous=False):
     """What keeps the core from reading t in place, or None: the head
     dimension contiguous, strides non-negative (C-contiguous when
@@ -314,9 +336,11 @@ def arguments(tensors, inputs, outputs, on, host_copied=False):
             _dtype(tensors[name], on)
             _shape(tensors[name])
     q = tensors[inputs[0]]
-    for name in inputs[1:] + outputs:
+    k = tensors[inputs[1]]
+    kv_shape(k, q)
+    for name in inputs[2:] + outputs:
         if name != "lse":
-            like_q(tensors[name], q)
+            like_q(tensors[name], k if name in ("v", "dk", "dv") else q)
     if "lse" in tensors:
         b, n, h, _ = q.shape
         lse(tensors["lse"], q, (b, h, n))

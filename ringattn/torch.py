@@ -58,12 +58,12 @@ def _tensor(x):
     return x if isinstance(x, torch.Tensor) else torch.from_dlpack(x)
 
 
-def _outputs(like, count):
-    """Output tensors for a CPU call (written by the core over DLPack), or
-    None on CUDA (ringattn allocates device arrays there)."""
-    if like.device.type != "cpu":
+def _outputs(*likes):
+    """Output tensors shaped as `likes` for a CPU call (written by the core
+    over DLPack), or None on CUDA (ringattn allocates device arrays there)."""
+    if likes[0].device.type != "cpu":
         return None
-    return tuple(torch.empty(like.shape, dtype=like.dtype) for _ in range(count))
+    return tuple(torch.empty(like.shape, dtype=likes[0].dtype) for like in likes)
 
 
 # ------------------------------------------------------------------ rings by key
@@ -85,16 +85,17 @@ def _comm_id(comm):
 
 
 def _ring(segment_lengths, dilation_rates, causal, mode, scale, world_size, nan_policy, num_threads, comm_id,
-          device):
+          device, partition="contiguous"):
     key = (tuple(segment_lengths), tuple(dilation_rates), bool(causal), mode, scale, world_size, nan_policy,
-           num_threads, comm_id, device)
+           num_threads, comm_id, device, partition)
     ring = _rings.get(key)
     if ring is None:
         comm = None if comm_id < 0 else _comms[comm_id]
         ring = _api.RingDilatedAttention(
             list(segment_lengths), list(dilation_rates), causal=causal, mode=mode, scale=scale,
             world_size=None if comm is not None else world_size, nan_policy=nan_policy,
-            num_threads=None if num_threads <= 0 else num_threads, comm=comm, device=device or None)
+            num_threads=None if num_threads <= 0 else num_threads, comm=comm, device=device or None,
+            partition=partition)
         with _lock:
             ring = _rings.setdefault(key, ring)
     return ring
@@ -126,19 +127,20 @@ def _lse_dtype(q):
 @torch.library.custom_op("ringattn::dilated_attention", mutates_args=())
 def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_lengths: List[int],
                 dilation_rates: List[int], causal: bool, mode: str, scale: Optional[float], world_size: int,
-                nan_policy: str, num_threads: int, comm_id: int, device: str) -> Tuple[torch.Tensor, torch.Tensor]:
+                nan_policy: str, num_threads: int, comm_id: int, device: str,
+                partition: str = "contiguous") -> Tuple[torch.Tensor, torch.Tensor]:
     """(o, lse) of ringattn's ring dilated attention; lse is (b, h, n)."""
     ring = _ring(segment_lengths, dilation_rates, causal, mode, scale, world_size, nan_policy, num_threads,
-                 comm_id, device)
+                 comm_id, device, partition)
     qn, kn, vn = (_arg(t, n) for t, n in ((q, "q"), (k, "k"), (v, "v")))
-    out = _outputs(qn, 1)
+    out = _outputs(qn)
     o, lse = ring(qn, kn, vn, return_lse=True, out=None if out is None else out[0])
     return _tensor(o).contiguous(), _tensor(lse).contiguous()
 
 
 @_forward_op.register_fake
 def _(q, k, v, segment_lengths, dilation_rates, causal, mode, scale, world_size, nan_policy, num_threads,
-      comm_id, device):
+      comm_id, device, partition="contiguous"):
     b, n, h, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((b, h, n), dtype=_lse_dtype(q))
 
@@ -147,24 +149,25 @@ def _(q, k, v, segment_lengths, dilation_rates, causal, mode, scale, world_size,
 def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
                  grad_out: torch.Tensor, segment_lengths: List[int], dilation_rates: List[int], causal: bool,
                  mode: str, scale: Optional[float], world_size: int, nan_policy: str, num_threads: int,
-                 comm_id: int, device: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 comm_id: int, device: str,
+                 partition: str = "contiguous") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of ringattn's ring dilated attention for the output gradient grad_out."""
     ring = _ring(segment_lengths, dilation_rates, causal, mode, scale, world_size, nan_policy, num_threads,
-                 comm_id, device)
+                 comm_id, device, partition)
     saved = tuple(_arg(t, n) for t, n in ((q, "q"), (k, "k"), (v, "v"), (o, "o"), (lse, "lse")))
     g = _arg(grad_out, "grad_output")
-    dq, dk, dv = ring._backward(saved, g, grads=_outputs(saved[0], 3))
+    dq, dk, dv = ring._backward(saved, g, grads=_outputs(*saved[:3]))  # dk, dv: k's h_kv heads
     return _tensor(dq).contiguous(), _tensor(dk).contiguous(), _tensor(dv).contiguous()
 
 
 @_backward_op.register_fake
 def _(q, k, v, o, lse, grad_out, segment_lengths, dilation_rates, causal, mode, scale, world_size, nan_policy,
-      num_threads, comm_id, device):
+      num_threads, comm_id, device, partition="contiguous"):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 _CONFIG = ("segment_lengths", "dilation_rates", "causal", "mode", "scale", "world_size", "nan_policy",
-           "num_threads", "comm_id", "device")
+           "num_threads", "comm_id", "device", "partition")
 
 
 def _setup_context(ctx, inputs, output):
@@ -187,7 +190,8 @@ def _config(ring, causal=None):
     """The custom ops' configuration arguments for a ringattn.RingDilatedAttention."""
     return (list(ring.segment_lengths), list(ring.dilation_rates), bool(ring.causal if causal is None else causal),
             ring.mode, None if ring.scale is None else float(ring.scale), int(ring.world_size), ring.nan_policy,
-            int(ring.num_threads or 0), _comm_id(ring.comm), "" if ring.device is None else str(ring.device))
+            int(ring.num_threads or 0), _comm_id(ring.comm), "" if ring.device is None else str(ring.device),
+            ring.partition)
 
 
 def _apply(q, k, v, config):
@@ -227,7 +231,7 @@ class RingDilatedAttention(torch.nn.Module):
 
 def dilated_attention(q, k, v, segment_lengths, dilation_rates, *, causal=False, mode="groups", scale=None,
                       world_size=None, nan_policy="raise", num_threads=None, comm=None, device=None,
-                      process_group=None):
+                      process_group=None, partition="contiguous"):
     """ringattn.dilated_attention for torch tensors, differentiable; the
     keyword arguments are those of ringattn.RingDilatedAttention (world_size
     in-process ranks, or comm= / process_group= and this rank's shards)."""
@@ -235,14 +239,14 @@ def dilated_attention(q, k, v, segment_lengths, dilation_rates, *, causal=False,
     if not torch.compiler.is_compiling():  # eager: every rule checked now, by the ring's constructor
         ring = _api.RingDilatedAttention(segment_lengths, dilation_rates, causal=causal, mode=mode, scale=scale,
                                          world_size=world_size, nan_policy=nan_policy, num_threads=num_threads,
-                                         comm=comm, device=device)
+                                         comm=comm, device=device, partition=partition)
         return _apply(q, k, v, _config(ring))
     # traced by torch.compile: the same configuration without building a ring
     # (the op's implementation builds it, and checks it, when it runs)
     world = comm.world_size if comm is not None else (1 if world_size is None else world_size)
     config = (list(segment_lengths), list(dilation_rates), bool(causal), mode,
               None if scale is None else float(scale), int(world), nan_policy, int(num_threads or 0),
-              -1 if comm is None else _comm_id(comm), "" if device is None else str(device))
+              -1 if comm is None else _comm_id(comm), "" if device is None else str(device), partition)
     return _apply(q, k, v, config)
 
 
@@ -258,11 +262,16 @@ class MultiheadDilatedAttention(torch.nn.Module):
     projected by out_proj.  Returns (output, None), like
     torch.nn.MultiheadAttention with need_weights=False.
 
+    num_kv_heads (default num_heads, dividing it) gives grouped-query
+    attention: k_proj and v_proj project to num_kv_heads heads, each read by
+    num_heads // num_kv_heads query heads.
+
     world_size=k runs k ranks in this process on full-length inputs;
     process_group= (a torch.distributed process group, e.g. torchrun's
     default group: torch.distributed.group.WORLD) or comm= (a
     ringattn.Communicator) makes this process one rank, and query/key/value
-    are then this rank's shard of the sequence.
+    are then this rank's shard of the sequence (split with the module's
+    partition, "contiguous" or "zigzag").
     Initialisation (fkodom's dilated-attention-pytorch, MAGNETO with
     gamma 1): xavier_normal_ weights, zero biases.
     """
@@ -270,30 +279,34 @@ class MultiheadDilatedAttention(torch.nn.Module):
     def __init__(self, embed_dim, num_heads, segment_lengths, dilation_rates, *, num_kv_heads=None, bias=True,
                  layer_norm=True, causal=False, mode="groups", batch_first=True, device=None, dtype=None,
                  world_size=None, process_group=None, comm=None, layer_norm_eps=1e-5, scale=None,
-                 nan_policy="raise", num_threads=None):
+                 nan_policy="raise", num_threads=None, partition="contiguous"):
         super().__init__()
         for value, name in ((embed_dim, "embed_dim"), (num_heads, "num_heads")):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}")
-        if num_kv_heads is not None and num_kv_heads != num_heads:
-            raise NotImplementedError(
-                f"num_kv_heads={num_kv_heads} != num_heads={num_heads}: grouped-query attention is not "
-                "supported by the ringattn core yet; use num_kv_heads=None")
+        if num_kv_heads is None:
+            num_kv_heads = num_heads
+        if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int) or num_kv_heads < 1 \
+                or num_heads % num_kv_heads:
+            raise ValueError(f"num_kv_heads must be a positive int dividing num_heads={num_heads}, "
+                             f"got {num_kv_heads!r}")
         comm = _communicator(process_group, comm)
         if comm is not None and not isinstance(comm, Communicator):
             raise TypeError(f"comm must be a ringattn.Communicator, got {type(comm).__name__}")
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
+        self.num_kv_heads = num_kv_heads
         self.batch_first, self.causal = bool(batch_first), bool(causal)
         self.layer_norm = bool(layer_norm)
         self.ring = _api.RingDilatedAttention(segment_lengths, dilation_rates, causal=causal, mode=mode,
                                               scale=scale, world_size=world_size, nan_policy=nan_policy,
-                                              num_threads=num_threads, comm=comm)
+                                              num_threads=num_threads, comm=comm, partition=partition)
         factory = {"device": device, "dtype": dtype}
         self.q_proj = torch.nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
-        self.k_proj = torch.nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
-        self.v_proj = torch.nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        kv_dim = num_kv_heads * self.head_dim
+        self.k_proj = torch.nn.Linear(embed_dim, kv_dim, bias=bias, **factory)
+        self.v_proj = torch.nn.Linear(embed_dim, kv_dim, bias=bias, **factory)
         self.norm = torch.nn.LayerNorm(embed_dim, eps=layer_norm_eps, **factory) if layer_norm else None
         self.out_proj = torch.nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
         self._configs = {c: _config(self.ring, causal=c) for c in (False, True)}
@@ -315,7 +328,8 @@ class MultiheadDilatedAttention(torch.nn.Module):
 
     def extra_repr(self):
         r = self.ring
-        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, segment_lengths={r.segment_lengths}, "
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+                f"segment_lengths={r.segment_lengths}, "
                 f"dilation_rates={r.dilation_rates}, causal={self.causal}, mode={r.mode!r}, "
                 f"world_size={r.world_size}, layer_norm={self.layer_norm}, batch_first={self.batch_first}")
 
@@ -326,8 +340,9 @@ class MultiheadDilatedAttention(torch.nn.Module):
         b, n, e = query.shape
         h, d = self.num_heads, self.head_dim
         q = self.q_proj(query).view(b, n, h, d)
-        k = self.k_proj(key).view(key.shape[0], key.shape[1], h, d)
-        v = self.v_proj(value).view(value.shape[0], value.shape[1], h, d)
+        hkv = self.num_kv_heads
+        k = self.k_proj(key).view(key.shape[0], key.shape[1], hkv, d)
+        v = self.v_proj(value).view(value.shape[0], value.shape[1], hkv, d)
         x = _apply(q, k, v, self._configs[causal]).reshape(b, n, e)
         if self.norm is not None:
             x = self.norm(x)

@@ -19,10 +19,20 @@ num_threads // k) threads (ranks share the call's threads, ring/ranks.c):
   elements (4 bytes, 8 for float64: ra_acc_size); ring_backward: dQ, dK, dV
   accumulators (3 u) and delta (b h L);
 * for each spanning branch in turn (allocated and freed per branch, so the
-  largest counts): two ring buffers, each as large as the largest packed
-  block of its sub-ring, 2 b d (active keys of the branch's heads) elements
-  of the input dtype, plus as many accumulator elements in the backward
-  (the dK/dV that travel with the block).
+  largest counts): the two ring slots of ring/stream.c.  A block (a rank's
+  packed active keys and values of the branch: one run per head, E = h_b
+  heads) travels in sub-blocks, with S sub-blocks wanted (exec.ring_sub_blocks:
+  8 on the CPU) and at most R = ceil(L / r) active keys per head in a shard:
+  if E >= S, a sub-block is floor(E / S) consecutive heads whole; else one
+  head's keys t*rows .. (t+1)*rows - 1 with rows = ceil(R / ceil(S / E)).
+  Each slot is as large as the largest sub-block of the sub-ring's blocks,
+      slot = 2 b d * max over the sub-ring's ranks and sub-blocks of the
+             active keys in the sub-block
+  elements of the input dtype, plus as many accumulator elements in the
+  backward (the dK/dV that travel with it); the rank holds 2 slots.
+  For dense attention (r = 1, all h heads, S | h or h | S, S | L): 2 slots
+  of 2 b h d L / S elements, i.e. 4 u / S input elements forward (0.5 u at
+  S = 8) and 4 u (es + acc) / (S es) backward.
 
 Everything else is held from the start to the end of the rank's call, so
 the peak is the sum of the fixed terms and the largest ring-buffer pair.
@@ -81,7 +91,8 @@ def _branches(n, h, segs, rates, mode):
     return out
 
 
-def peak_terms(shape, dtype, segs, rates, mode, world_size, num_threads, *, backward=False, lse=False):
+def peak_terms(shape, dtype, segs, rates, mode, world_size, num_threads, *, backward=False, lse=False,
+               sub_blocks=8):
     """The terms of every rank's peak: (fixed terms as a dict, [ring-buffer pair bytes per rank])."""
     b, n, h, d = shape
     k = world_size
@@ -111,10 +122,20 @@ def peak_terms(shape, dtype, segs, rates, mode, world_size, num_threads, *, back
                 continue  # local: no buffers
             m = S // L
             group0 = rank - rank % m
+            most, E = -(-L // r), len(offsets)
+            if E >= sub_blocks:  # groups of whole heads
+                per = E // sub_blocks
+                parts = [(list(range(e, min(E, e + per))), 0, most) for e in range(0, E, per)]
+            else:  # runs of rows of one head
+                rows = -(-most // -(-sub_blocks // E))
+                parts = [([e], t, rows) for e in range(E) for t in range(0, most, rows)]
             cap = 0
             for p in range(group0, group0 + m):
                 pos = np.arange(p * L, (p + 1) * L) % S % r
-                cap = max(cap, 2 * b * d * sum(int((pos == off).sum()) for off in offsets.values()))
+                counts = [int((pos == off).sum()) for off in offsets.values()]  # heads in order
+                for heads, first, rows in parts:
+                    keys = sum(max(0, min(rows, counts[e] - first)) for e in heads)
+                    cap = max(cap, 2 * b * d * keys)
             largest = max(largest, 2 * cap * (es + (acc if backward else 0)))
         ring.append(largest)
     return fixed, ring

@@ -5,9 +5,12 @@ This module must not import ringattn.  Everything is computed in float64.
     reference_attention(q, k, v, segment_lengths, dilation_rates,
                         causal=False, mode="groups", scale=None) -> (o, lse)
 
-q, k, v: (b, n, h, d) arrays of any float dtype.  Returns o float64 (b, n, h, d)
-and lse float64 (b, h, n), with lse == -inf (and o == 0) where a query attends
-to nothing.
+q, k, v: (b, n, h, d) arrays of any float dtype (k and v may have h_kv heads
+dividing h: grouped-query attention, query head i reading key/value head
+i // (h // h_kv)).  Returns o float64 (b, n, h, d) and lse float64 (b, h, n),
+with lse == -inf (and o == 0) where a query attends to nothing.
+reference_backward gives dk, dv with k's heads: the sums over the query heads
+that read each key/value head.
 
 Also provided:
     dense_attention(q, k, v, causal=False, scale=None) -> (o, lse)
@@ -30,11 +33,28 @@ __all__ = [
     "dense_attention",
     "bruteforce_attention",
     "attended_pairs",
+    "reference_backward",
+    "expand_kv",
 ]
 
 
 def _as64(x):
     return np.asarray(x).astype(np.float64, copy=False)
+
+
+def expand_kv(x, h):
+    """Grouped-query attention: k or v with h_kv heads as h heads, key/value
+    head j repeated for the h // h_kv query heads i with i // (h // h_kv) == j."""
+    x = _as64(x)
+    if x.ndim != 4 or h % x.shape[2]:
+        raise ValueError(f"k/v with {x.shape[2] if x.ndim == 4 else '?'} heads cannot serve {h} query heads")
+    return np.repeat(x, h // x.shape[2], axis=2)
+
+
+def _fold_kv(g, h_kv):
+    """dk or dv of the h query heads summed over each key/value head's readers."""
+    b, n, h, d = g.shape
+    return g.reshape(b, n, h_kv, h // h_kv, d).sum(axis=3)
 
 
 def effective_segments(segment_lengths, dilation_rates, n):
@@ -126,8 +146,11 @@ def _cell(q, k, v, h, S, r, off, causal, scale):
 def reference_attention(q, k, v, segment_lengths, dilation_rates, causal=False,
                         mode="groups", scale=None):
     q, k, v = _as64(q), _as64(k), _as64(v)
-    if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
-        raise ValueError("q, k, v must share one (b, n, h, d) shape")
+    if q.ndim != 4 or k.shape != v.shape or k.ndim != 4:
+        raise ValueError("q, k, v must be (b, n, h, d) arrays, k and v of one shape")
+    k, v = expand_kv(k, q.shape[2]), expand_kv(v, q.shape[2])
+    if k.shape != q.shape:
+        raise ValueError("k and v must have q's batch, length and head dim")
     b, n, h, d = q.shape
     if scale is None:
         scale = 1.0 / math.sqrt(d)
@@ -256,6 +279,8 @@ def reference_backward(q, k, v, dout, segment_lengths, dilation_rates, causal=Fa
     """
     q, k, v, dout = (_as64(x) for x in (q, k, v, dout))
     b, n, h, d = q.shape
+    h_kv = k.shape[2]
+    k, v = expand_kv(k, h), expand_kv(v, h)
     scale = 1.0 / np.sqrt(d) if scale is None else float(scale)
     M = multiplicity(n, h, segment_lengths, dilation_rates, causal, mode)
     qt, kt, vt, gt = (np.swapaxes(x, 1, 2) for x in (q, k, v, dout))  # (b, h, n, d)
@@ -272,4 +297,5 @@ def reference_backward(q, k, v, dout, segment_lengths, dilation_rates, causal=Fa
     dS = P * (dP - (gt * o).sum(axis=-1, keepdims=True))
     dq = scale * np.matmul(dS, kt)
     dk = scale * np.matmul(np.swapaxes(dS, -1, -2), qt)
-    return tuple(np.swapaxes(x, 1, 2) for x in (dq, dk, dv))
+    dq, dk, dv = (np.swapaxes(x, 1, 2) for x in (dq, dk, dv))
+    return dq, _fold_kv(dk, h_kv), _fold_kv(dv, h_kv)

@@ -83,6 +83,22 @@ def test_plan_cache_eviction_keeps_results_right():
         assert np.allclose(got, ringattn.dilated_attention(q64, k64, v64, [q.shape[1]], [1]), atol=1e-5)
 
 
+def test_plan_cache_tells_apart_kv_heads_and_partitions():
+    """Configurations that differ only in num_kv_heads or the partition get
+    plans of their own: alternating them, every result is the float64 one."""
+    rng = np.random.default_rng(6)
+    q = rng.standard_normal((1, 64, 4, 8))
+    kv = {h: (rng.standard_normal((1, 64, h, 8)), rng.standard_normal((1, 64, h, 8))) for h in (4, 2, 1)}
+    want = {h: ringattn.dilated_attention(q, *kv[h], [16, 64], [1, 2], causal=True) for h in kv}
+    for _ in range(2):
+        for h in kv:
+            for partition in ("contiguous", "zigzag"):
+                ring = ringattn.RingDilatedAttention([16, 64], [1, 2], causal=True, world_size=2,
+                                                     partition=partition)
+                got = ring(*(x.astype(np.float32) for x in (q, *kv[h])))
+                assert np.allclose(got, want[h], atol=1e-5), (h, partition)
+
+
 def test_rings_from_several_threads_share_the_workers():
     q, k, v = make_qkv(3, 1, 128, 4, 16)
     want = ringattn.dilated_attention(q, k, v, SEGS, RATES, causal=True)

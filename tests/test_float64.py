@@ -118,9 +118,10 @@ def test_strided_inputs_are_read_in_place():
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_memory_counts_double_accumulators(world_size):
     # per rank: q, k, v, o and the lse (caller's) + the double accumulator and lse
-    # state, and at 2 ranks two ring buffers of float64 keys and values;
-    # backward: 8 shards and the lse + dQ, dK, dV accumulators and delta, all
-    # double, and ring buffers carrying double dK/dV.  Exact: memory_model.py.
+    # state, and at 2 ranks two ring slots of float64 keys and values, each an
+    # eighth of a block (a sub-block); backward: 8 shards and the lse + dQ, dK,
+    # dV accumulators and delta, all double, and slots carrying double dK/dV.
+    # Exact: memory_model.py.
     b, n, h, d = 1, 256, 2, 32
     q, k, v = make_qkv(12, b, n, h, d, F64)
     u, lse_bytes = b * (n // world_size) * h * d * 8, b * h * (n // world_size) * 8
@@ -128,12 +129,12 @@ def test_memory_counts_double_accumulators(world_size):
     ring(q, k, v, requires_grad=True)
     fixed, buffers = peak_terms((b, n, h, d), F64, [n], [1], "groups", world_size, world_size, lse=True)
     assert fixed["accumulator"] == u and fixed["lse state"] == lse_bytes  # double, not float
-    assert buffers == [0 if world_size == 1 else 2 * 2 * u] * world_size
+    assert buffers == [0 if world_size == 1 else 2 * 2 * u // 8] * world_size
     assert ring.last_stats["peak_bytes"] == [sum(fixed.values()) + x for x in buffers], (fixed, buffers)
     ring.backward(q)
     fixed, buffers = peak_terms((b, n, h, d), F64, [n], [1], "groups", world_size, world_size, backward=True)
     assert fixed["dq, dk, dv accumulators"] == 3 * u and fixed["delta"] == lse_bytes
-    assert buffers == [0 if world_size == 1 else 2 * 2 * (u + u)] * world_size  # + double dK/dV
+    assert buffers == [0 if world_size == 1 else 2 * 2 * (u + u) // 8] * world_size  # + double dK/dV
     assert ring.last_stats["peak_bytes"] == [sum(fixed.values()) + x for x in buffers], (fixed, buffers)
 
 

@@ -4,15 +4,16 @@ peak_bytes counts what one rank holds: its shards of q, k, v, o (caller owned),
 the key/value blocks in flight, and its workspace.  At fixed n the maximum over
 ranks must fall like 1/k.
 
-Why the bound is not "peak(k) <= 1.25 * peak(1) / k": at k = 1 a rank holds
-q, k, v, o (4 units of n*h*d*b elements); at k >= 2 it holds its 4 shards plus
-at least one received key/value block (2 more shards), and a ring that overlaps
-communication with compute holds two (the block being computed on and the one
-arriving).  So peak(k) is about 1.5 to 2 times peak(1) / k for every k >= 2,
-which is still O(n / k).  The tests below check (i) exact 1/k scaling among
-k >= 2 (+-25%, the per-rank share times k is constant), (ii) that the ring's
-overhead over peak(1)/k is at most two key/value blocks (factor 2.25), and
-(iii) a lower bound: the caller's shards are counted.
+At k = 1 a rank holds q, k, v, o (4 units of n*h*d*b elements) and an fp32
+accumulator (1 unit); at k >= 2 it holds the same 5 units of n/k plus the
+key/value sub-blocks in flight: two slots of one eighth of a block
+(ring/stream.c), half a unit for a dense branch.  So peak(k) is about
+1.1 * peak(1) / k, plus the per-thread workspace, which does not shrink with
+k (test_ring_memory.py checks the 1.2 / k bound where units dwarf it).  The
+tests below check (i) exact 1/k scaling among k >= 2 (+-25%, the per-rank
+share times k is constant), (ii) that the ring's overhead over peak(1)/k is
+at most the sub-blocks in flight and a workspace (factor 1.3), and (iii) a
+lower bound: the caller's shards are counted.
 
 Those are the design's claims; the accounting itself is checked exactly:
 every rank's peak equals, to the byte, the sum of what it holds
@@ -61,10 +62,11 @@ def _check(peaks, spanning=True, same_spans=True):
     for ws in WORLD[2:] if same_spans else []:
         assert 0.75 * base <= peaks[ws] * ws <= 1.25 * base, (
             f"k={ws}: peak*k = {peaks[ws] * ws} not within 25% of peak(2)*2 = {base}; {peaks}")
-    # (ii) the ring's overhead is at most two key/value blocks in flight
+    # (ii) the ring's overhead is at most two key/value sub-blocks in flight
+    # (and a workspace at k = 8, where a unit is 256 KB)
     for ws in WORLD[1:]:
         ideal = peaks[1] / ws
-        hi = 2.25 if spanning else 1.25
+        hi = 1.3 if spanning else 1.25
         assert 0.75 * ideal <= peaks[ws] <= hi * ideal, (
             f"k={ws}: peak {peaks[ws]} not within [0.75, {hi}] * peak(1)/k = {ideal:.0f}; {peaks}")
 

@@ -113,9 +113,10 @@ def test_initialisation_and_structure():
 
 
 def test_errors():
-    with pytest.raises(NotImplementedError, match="grouped-query attention"):
-        rt.MultiheadDilatedAttention(16, 4, [16], [1], num_kv_heads=2)
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        rt.MultiheadDilatedAttention(16, 4, [16], [1], num_kv_heads=3)  # does not divide num_heads
     rt.MultiheadDilatedAttention(16, 4, [16], [1], num_kv_heads=4)  # equal to num_heads: fine
+    assert rt.MultiheadDilatedAttention(16, 4, [16], [1], num_kv_heads=2).k_proj.weight.shape == (8, 16)
     with pytest.raises(RuntimeError, match="init_process_group"):  # no process group in this process
         rt.MultiheadDilatedAttention(16, 4, [16], [1], process_group=object())
     with pytest.raises(ValueError, match="not divisible by num_heads"):

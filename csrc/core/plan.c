@@ -119,20 +119,63 @@ static ra_status check_branches(const ra_config *c) {
   return RA_OK;
 }
 
+static ra_status check_kv_heads(const ra_config *c) {
+  const int64_t hkv = c->num_kv_heads;
+  if (hkv < 0 || hkv > c->num_heads || (hkv > 0 && c->num_heads % hkv != 0))
+    return ra_fail(RA_ERR_INVALID_ARGUMENT,
+                   "k: %lld key/value heads must divide the %lld heads of q (grouped-query attention)",
+                   (long long)hkv, (long long)c->num_heads);
+  return RA_OK;
+}
+
+/* The partition's chunks: contiguous ranks hold one chunk of L = n / k
+ * positions, zigzag ranks two of C = n / (2k).  Every branch must be local
+ * to a chunk or span whole chunks. */
 static ra_status check_ring(const ra_config *c) {
   int64_t k = c->world_size;
   if (k < 1) return ra_fail(RA_ERR_INVALID_ARGUMENT, "world_size must be >= 1, got %lld", (long long)k);
-  if (c->seq_len % k != 0)
-    return ra_fail(RA_ERR_INVALID_ARGUMENT, "world_size=%lld does not divide the sequence length %lld", (long long)k, (long long)c->seq_len);
-  int64_t L = c->seq_len / k;
+  if (c->partition != RA_PARTITION_CONTIGUOUS && c->partition != RA_PARTITION_ZIGZAG)
+    return ra_fail(RA_ERR_INVALID_ARGUMENT, "partition: unknown partition code %d", (int)c->partition);
+  const int zigzag = c->partition == RA_PARTITION_ZIGZAG;
+  if (c->seq_len % (zigzag ? 2 * k : k) != 0)
+    return ra_fail(RA_ERR_INVALID_ARGUMENT,
+                   zigzag ? "world_size=%lld: partition=\"zigzag\" needs 2 * world_size to divide the sequence length %lld"
+                          : "world_size=%lld does not divide the sequence length %lld",
+                   (long long)k, (long long)c->seq_len);
+  int64_t C = c->seq_len / (zigzag ? 2 * k : k);
   for (int i = 0; i < c->num_branches; i++) {
     int64_t S = c->segment_lengths[i] < c->seq_len ? c->segment_lengths[i] : c->seq_len;
-    if (L % S != 0 && S % L != 0)
+    if (C % S != 0 && S % C != 0)
       return ra_fail(RA_ERR_INVALID_ARGUMENT,
-                     "world_size=%lld: local length %lld and segment_lengths[%d]=%lld must divide one another",
-                     (long long)k, (long long)L, i, (long long)S);
+                     zigzag ? "world_size=%lld: zigzag chunk length %lld and segment_lengths[%d]=%lld must divide one another"
+                            : "world_size=%lld: local length %lld and segment_lengths[%d]=%lld must divide one another",
+                     (long long)k, (long long)C, i, (long long)S);
   }
   return RA_OK;
+}
+
+/* Number the distinct (key/value head, offset) pairs of each branch.  Both
+ * grow with the query head (offsets are constant in "groups" mode and
+ * h div ceil(h / r) in "longnet" mode), so a slot is a run of heads. */
+static void plan_slots(ra_plan *p) {
+  const int64_t H = p->cfg.num_heads;
+  for (int i = 0; i < p->cfg.num_branches; i++) {
+    int64_t n = 0, last_kv = -1, last_off = -1;
+    for (int64_t h = 0; h < H; h++) {
+      const int64_t off = p->offset[i * H + h];
+      if (off < 0) {
+        p->slot[i * H + h] = -1;
+        continue;
+      }
+      if (n == 0 || ra_kv_head(p, h) != last_kv || off != last_off) {
+        p->slot_head[i * H + n++] = h;
+        last_kv = ra_kv_head(p, h);
+        last_off = off;
+      }
+      p->slot[i * H + h] = n - 1;
+    }
+    p->num_slots[i] = n;
+  }
 }
 
 /* Heads of branch i: groups mode splits heads into contiguous groups. */
@@ -152,13 +195,17 @@ ra_status ra_plan_create(const ra_config *cfg, ra_plan **out) {
   if (!cfg) return ra_fail(RA_ERR_INVALID_ARGUMENT, "config is NULL");
   RA_TRY(check_shape(cfg));
   RA_TRY(check_branches(cfg));
+  RA_TRY(check_kv_heads(cfg));
   RA_TRY(check_ring(cfg));
 
   ra_plan *p = calloc(1, sizeof *p);
   if (!p) return ra_fail(RA_ERR_OUT_OF_MEMORY, "could not allocate a plan");
   p->cfg = *cfg;
   if (p->cfg.scale == 0.0) p->cfg.scale = 1.0 / sqrt((double)cfg->head_dim);
+  if (p->cfg.num_kv_heads == 0) p->cfg.num_kv_heads = cfg->num_heads;
+  p->group = cfg->num_heads / p->cfg.num_kv_heads;
   p->local_len = cfg->seq_len / cfg->world_size;
+  p->chunk_len = cfg->partition == RA_PARTITION_ZIGZAG ? p->local_len / 2 : p->local_len;
   int64_t H = cfg->num_heads, n_offsets;
   size_t offset_bytes;
   if (!ra_mul_ok(cfg->num_branches, H, &n_offsets) || !ra_bytes_ok(n_offsets, sizeof(int64_t), &offset_bytes)) {
@@ -167,15 +214,17 @@ ra_status ra_plan_create(const ra_config *cfg, ra_plan **out) {
                    (long long)H);
   }
   p->offset = malloc(offset_bytes);
-  if (!p->offset) {
-    free(p);
+  p->slot = malloc(offset_bytes);
+  p->slot_head = malloc(offset_bytes);
+  if (!p->offset || !p->slot || !p->slot_head) {
+    ra_plan_destroy(p);
     return ra_fail(RA_ERR_OUT_OF_MEMORY, "could not allocate a plan");
   }
   for (int i = 0; i < cfg->num_branches; i++) {
     ra_branch_info *b = &p->branch[i];
     b->segment = cfg->segment_lengths[i] < cfg->seq_len ? cfg->segment_lengths[i] : cfg->seq_len;
     b->rate = cfg->dilation_rates[i];
-    b->span = p->local_len % b->segment == 0 ? 1 : b->segment / p->local_len;
+    b->span = p->chunk_len % b->segment == 0 ? 1 : b->segment / p->chunk_len;
     branch_heads(cfg, i, &b->head_begin, &b->head_end);
     int64_t per = (H + b->rate - 1) / b->rate; /* ceil(H / r): longnet's head-offset rule */
     for (int64_t h = 0; h < H; h++) {
@@ -185,6 +234,7 @@ ra_status ra_plan_create(const ra_config *cfg, ra_plan **out) {
       p->offset[i * H + h] = off;
     }
   }
+  plan_slots(p);
   *out = p;
   return RA_OK;
 }
@@ -192,11 +242,14 @@ ra_status ra_plan_create(const ra_config *cfg, ra_plan **out) {
 void ra_plan_destroy(ra_plan *plan) {
   if (!plan) return;
   free(plan->offset);
+  free(plan->slot);
+  free(plan->slot_head);
   free(plan);
 }
 
 const ra_config *ra_plan_config(const ra_plan *plan) { return &plan->cfg; }
 int64_t ra_plan_local_len(const ra_plan *plan) { return plan->local_len; }
+int64_t ra_plan_chunk_len(const ra_plan *plan) { return plan->chunk_len; }
 
 ra_status ra_plan_branch(const ra_plan *plan, int branch, ra_branch_info *info) {
   if (branch < 0 || branch >= plan->cfg.num_branches)
@@ -235,10 +288,12 @@ static void cache_lock(void) { pthread_mutex_lock(&cache.lock); }
 static void cache_unlock(void) { pthread_mutex_unlock(&cache.lock); }
 static void cache_init(void) { pthread_atfork(cache_lock, cache_unlock, cache_unlock); }
 
+/* Every field of ra_config that a plan depends on (all of them). */
 static int same_config(const ra_config *a, const ra_config *b) {
   if (a->batch != b->batch || a->seq_len != b->seq_len || a->num_heads != b->num_heads ||
       a->head_dim != b->head_dim || a->num_branches != b->num_branches || a->causal != b->causal ||
-      a->mode != b->mode || a->scale != b->scale || a->world_size != b->world_size || a->dtype != b->dtype)
+      a->mode != b->mode || a->scale != b->scale || a->world_size != b->world_size || a->dtype != b->dtype ||
+      a->num_kv_heads != b->num_kv_heads || a->partition != b->partition)
     return 0;
   for (int i = 0; i < a->num_branches; i++)
     if (a->segment_lengths[i] != b->segment_lengths[i] || a->dilation_rates[i] != b->dilation_rates[i]) return 0;

@@ -8,9 +8,13 @@
  *   RINGATTN_CUDA_KERNEL    "simt": the generic CUDA kernels only
  *   RINGATTN_DETERMINISTIC  any value but "" and "0": bitwise reproducible
  *                           CUDA backward
+ *   RINGATTN_CUDA_GQA       any value but "" and "0": allow grouped-query
+ *                           attention on CUDA tensors (never run on a GPU yet)
  *   RINGATTN_NCCL_LIBRARY   the libnccl to load (a path)
  *   RINGATTN_CPU_ISA        auto, baseline, avx2 or avx512: the CPU kernels'
  *                           instruction set (another value makes CPU calls fail)
+ *   RINGATTN_RING_SUB_BLOCKS  sub-blocks per ring block (a positive number;
+ *                           0 or unset: 8 on the CPU, 1 for CUDA tensors)
  */
 #include <limits.h>
 #include <pthread.h>
@@ -28,8 +32,10 @@ static struct {
   int num_threads; /* <= 0: every core */
   int simt;
   int deterministic;
+  int cuda_gqa;
   char nccl_library[4096];
   ra_cpu_isa cpu_isa;
+  int ring_sub_blocks; /* <= 0: the device's default */
 } env;
 
 static pthread_once_t env_once = PTHREAD_ONCE_INIT;
@@ -51,6 +57,9 @@ static void read_env(void) {
   env.simt = s && strcmp(s, "simt") == 0;
   env.deterministic = flag(getenv("RINGATTN_DETERMINISTIC"));
   env.cpu_isa = parse_cpu_isa(getenv("RINGATTN_CPU_ISA"));
+  env.cuda_gqa = flag(getenv("RINGATTN_CUDA_GQA"));
+  s = getenv("RINGATTN_RING_SUB_BLOCKS");
+  env.ring_sub_blocks = s ? atoi(s) : 0;
   s = getenv("RINGATTN_NCCL_LIBRARY");
   if (s) {
     strncpy(env.nccl_library, s, sizeof env.nccl_library - 1);
@@ -120,6 +129,8 @@ ra_exec ra_exec_default(void) {
   e.check_finite = 0;
   e.kernel = env.simt ? RA_KERNEL_SIMT : RA_KERNEL_AUTO;
   e.deterministic = env.deterministic;
+  e.cuda_gqa = env.cuda_gqa;
+  e.ring_sub_blocks = env.ring_sub_blocks;
   e.device = -1;
   e.stream = NULL;
   e.cpu_isa = env.cpu_isa;

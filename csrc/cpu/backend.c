@@ -444,8 +444,10 @@ static ra_status cpu_check_inputs(const ra_call *call) {
   const ra_config *c = &f->cfg;
   const ra_tensor in[4] = {f->q, f->k, f->v, call->p.dout};
   static const char *const names[4] = {"q", "k", "v", "dout"};
+  const int64_t heads[4] = {c->num_heads, c->num_kv_heads > 0 ? c->num_kv_heads : c->num_heads,
+                            c->num_kv_heads > 0 ? c->num_kv_heads : c->num_heads, c->num_heads};
   for (int i = 0; i < (call->backward ? 4 : 3); i++)
-    if (!ra_tensor_finite(in[i], c->dtype, c->batch, call->rows, c->num_heads, c->head_dim, f->exec.num_threads))
+    if (!ra_tensor_finite(in[i], c->dtype, c->batch, call->rows, heads[i], c->head_dim, f->exec.num_threads))
       return ra_fail(RA_ERR_NONFINITE, "%s contains NaN or Inf (nan_policy=\"raise\")", names[i]);
   return RA_OK;
 }

@@ -20,6 +20,8 @@ typedef struct ra_call {
   int rank;            /* this rank of the call's world (a rank's view)   */
   int64_t rows;        /* sequence positions the tensors hold: n in
                         * process without comm, L for a rank's view       */
+  int64_t second_row;  /* zigzag: the row of the rank's second chunk in
+                        * its tensors (0: right after the first, C)       */
 } ra_call;
 
 /* The call's configuration (the plan's: scale resolved). */

@@ -13,6 +13,10 @@
  * computed by `backend`.  Forward or backward as rank_call says. */
 ra_status ra_ring_rank(const ra_call *rank_call, const ra_transport *transport, const ra_backend *backend);
 
+/* Sub-blocks per ring block of a call (stream.c): exec.ring_sub_blocks when
+ * positive, else 8 on the CPU and 1 (whole blocks) for CUDA tensors. */
+int ra_ring_sub_blocks(const ra_fwd_params *params);
+
 /* One rank on a backend opened for it: iface->rank_open, the driver,
  * rank_close; a rank that fails aborts its transport so that no peer
  * waits for it forever. */

@@ -28,19 +28,22 @@ static int reach_ok(const void *data, int64_t elems, size_t es) {
 }
 
 /* A tensor the C side must be able to index: data set, strides >= 0, and
- * every element of the call's shape (`rows` positions) within reach. */
+ * every element of the call's shape (`rows` positions; k, v, dk and dv
+ * with the key/value heads) within reach. */
 static ra_status check_tensor(const ra_call *call, ra_tensor t, const char *name) {
   const ra_config *c = &call->plan->cfg;
+  const int kv = name[0] == 'k' || name[0] == 'v' || !strcmp(name, "dk") || !strcmp(name, "dv");
+  const int64_t heads = kv ? c->num_kv_heads : c->num_heads;
   if (!t.data) return ra_fail(RA_ERR_INVALID_ARGUMENT, "%s: data is NULL", name);
   if (t.stride_b < 0 || t.stride_n < 0 || t.stride_h < 0)
     return ra_fail(RA_ERR_INVALID_ARGUMENT, "%s: strides must be non-negative", name);
   int64_t span;
-  if (!ra_tensor_span_ok(&t, c->batch, call->rows, c->num_heads, c->head_dim, &span) ||
+  if (!ra_tensor_span_ok(&t, c->batch, call->rows, heads, c->head_dim, &span) ||
       !reach_ok(t.data, span, ra_dtype_size(c->dtype)))
     return ra_fail(RA_ERR_INVALID_ARGUMENT,
                    "%s: strides (%lld, %lld, %lld) reach beyond the address space for shape (%lld, %lld, %lld, %lld)",
                    name, (long long)t.stride_b, (long long)t.stride_n, (long long)t.stride_h, (long long)c->batch,
-                   (long long)call->rows, (long long)c->num_heads, (long long)c->head_dim);
+                   (long long)call->rows, (long long)heads, (long long)c->head_dim);
   return RA_OK;
 }
 
@@ -140,7 +143,8 @@ static ra_status run_comm(ra_call *call, const ra_backend_iface *iface, ra_statu
   char message[256];
   snprintf(message, sizeof message, "%s", local == RA_OK ? "" : ra_last_error());
   const ra_agreement agreement = {call->backward ? RA_OP_BACKWARD : RA_OP_FORWARD, local, message,
-                                  local == RA_OK ? &call->p.fwd.cfg : NULL, call->p.fwd.device_type, 0};
+                                  local == RA_OK ? &call->p.fwd.cfg : NULL, call->p.fwd.device_type, 0,
+                                  local == RA_OK ? ra_ring_sub_blocks(&call->p.fwd) : 0};
   RA_TRY(ra_comm_agree_call(comm, &agreement));
   call->rank = comm->rank;
   void *shared = NULL;

@@ -36,7 +36,10 @@ static ra_status check_views(const ra_call *call) {
   const size_t es = ra_dtype_size(c->dtype);
   int64_t first;
   size_t bytes;
-  if (!ra_mul_ok(c->world_size - 1, call->plan->local_len, &first))
+  /* the furthest chunk from its tensors' data: the last rank's (contiguous),
+   * rank 0's second (zigzag: chunk 2k-1, n - C) */
+  const int64_t last = c->partition == RA_PARTITION_ZIGZAG ? 2 * (int64_t)c->world_size - 1 : c->world_size - 1;
+  if (!ra_mul_ok(last, call->plan->chunk_len, &first))
     return ra_fail(RA_ERR_INVALID_ARGUMENT, "world_size=%d: the shard offsets do not fit", c->world_size);
   const ra_tensor *t[8] = {&call->p.fwd.q, &call->p.fwd.k, &call->p.fwd.v, &call->p.fwd.o,
                            &call->p.dout,  &call->p.dq,    &call->p.dk,    &call->p.dv};
@@ -51,12 +54,14 @@ static ra_status check_views(const ra_call *call) {
 
 ra_call ra_rank_view(const ra_call *call, int rank) {
   const ra_config *c = &call->plan->cfg;
-  const int64_t L = call->plan->local_len, first = rank * L;
+  const int64_t L = call->plan->local_len, C = call->plan->chunk_len, first = rank * C;
   const size_t es = ra_dtype_size(c->dtype);
   ra_call v = *call;
   ra_fwd_params *f = &v.p.fwd;
   v.rank = rank;
   v.rows = L;
+  /* zigzag: chunks rank and 2k-1-rank, the second (2k-1-2 rank) C rows on */
+  v.second_row = c->partition == RA_PARTITION_ZIGZAG ? (2 * (int64_t)c->world_size - 1 - 2 * rank) * C : 0;
   f->q = shard(f->q, first, es);
   f->k = shard(f->k, first, es);
   f->v = shard(f->v, first, es);

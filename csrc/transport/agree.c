@@ -29,6 +29,7 @@ static int config_differs(const ra_config *a, const ra_config *b, char *what, si
   FIELD(batch, "%lld", long long)
   FIELD(seq_len, "%lld", long long)
   FIELD(num_heads, "%lld", long long)
+  FIELD(num_kv_heads, "%lld", long long)
   FIELD(head_dim, "%lld", long long)
   FIELD(num_branches, "%d", int)
   FIELD(causal, "%d", int)
@@ -36,6 +37,7 @@ static int config_differs(const ra_config *a, const ra_config *b, char *what, si
   FIELD(scale, "%g", double)
   FIELD(world_size, "%d", int)
   FIELD(dtype, "%d", int)
+  FIELD(partition, "%d", int)
 #undef FIELD
   const int branches = a->num_branches > 0 && a->num_branches <= RA_MAX_BRANCHES ? a->num_branches : 0;
   for (int i = 0; i < branches; i++) {
@@ -85,6 +87,11 @@ static ra_status decide(ra_comm *comm, const ra_agree_header *all, const ra_agre
     if (all[0].has_cfg && all[r].device_type != all[0].device_type)
       return ra_fail(RA_ERR_INVALID_ARGUMENT, "device type differs between ranks: %s on rank 0 but %s on rank %d",
                      device_type_name(all[0].device_type), device_type_name(all[r].device_type), r);
+    if (all[0].has_cfg && all[r].ring_sub_blocks != all[0].ring_sub_blocks)
+      return ra_fail(RA_ERR_INVALID_ARGUMENT,
+                     "ring_sub_blocks differs between ranks: %d on rank 0 but %d on rank %d "
+                     "(RINGATTN_RING_SUB_BLOCKS must be the same on every rank)",
+                     (int)all[0].ring_sub_blocks, (int)all[r].ring_sub_blocks, r);
     char what[384];
     if (all[0].has_cfg && config_differs(&all[0].cfg, &all[r].cfg, what, sizeof what)) {
       char msg[448];
@@ -118,6 +125,7 @@ ra_status ra_comm_agree_call(ra_comm *comm, const ra_agreement *a) {
     mine.has_cfg = 1;
     mine.cfg = *a->cfg;
     mine.device_type = (int32_t)a->device_type;
+    mine.ring_sub_blocks = (int32_t)a->ring_sub_blocks;
   }
   ra_agree_header *all = ra_alloc(NULL, sizeof mine * (size_t)comm->size);
   if (!all) {
@@ -135,6 +143,6 @@ ra_status ra_comm_agree_call(ra_comm *comm, const ra_agreement *a) {
 }
 
 ra_status ra_comm_agree(ra_comm *comm, ra_status local, const char *local_message, const ra_config *cfg) {
-  ra_agreement a = {RA_OP_COLLECTIVE, local, local_message, cfg, comm ? comm->device_type : RA_DEVICE_CPU, 0};
+  ra_agreement a = {RA_OP_COLLECTIVE, local, local_message, cfg, comm ? comm->device_type : RA_DEVICE_CPU, 0, 0};
   return ra_comm_agree_call(comm, &a);
 }

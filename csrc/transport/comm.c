@@ -62,7 +62,7 @@ ra_status ra_comm_check_usable(const ra_comm *comm) {
 /* A gather: the agreement (operation and byte count), then the exchange. */
 static ra_status gather(ra_comm *comm, const void *send, size_t bytes, void *recv, int host) {
   if (!comm) return ra_fail(RA_ERR_INVALID_ARGUMENT, "comm is NULL");
-  ra_agreement a = {RA_OP_GATHER, RA_OK, NULL, NULL, comm->device_type, (uint64_t)bytes};
+  ra_agreement a = {RA_OP_GATHER, RA_OK, NULL, NULL, comm->device_type, (uint64_t)bytes, 0};
   RA_TRY(ra_comm_agree_call(comm, &a));
   ra_status st = host ? comm->allgather_host(comm, send, bytes, recv) : comm->allgather(comm, send, bytes, recv);
   if (st != RA_OK) ra_comm_give_up(comm, st, ra_last_error());

@@ -112,7 +112,7 @@ ra_status ra_comm_check_usable(const ra_comm *comm);
 /* The header each rank contributes to the agreement (agree.c). */
 #define RA_AGREE_MAGIC 0x52415432 /* "RAT2" */
 typedef struct ra_agree_header {
-  int32_t magic, op, status, has_cfg, device_type, pad;
+  int32_t magic, op, status, has_cfg, device_type, ring_sub_blocks;
   uint64_t comm_id, call, bytes;
   char message[256];
   ra_config cfg;

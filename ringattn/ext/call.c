@@ -17,7 +17,7 @@
 
 /* The configuration fields shared by plan() and run(). */
 static int read_config(ra_config *cfg, PyObject *segs, PyObject *rates, int causal, int mode, double scale,
-                       int world_size) {
+                       int world_size, int partition) {
   int ns = 0, nr = 0;
   if (ext_read_i64s(segs, "segment_lengths", cfg->segment_lengths, RA_MAX_BRANCHES, &ns) ||
       ext_read_i64s(rates, "dilation_rates", cfg->dilation_rates, RA_MAX_BRANCHES, &nr))
@@ -31,6 +31,7 @@ static int read_config(ra_config *cfg, PyObject *segs, PyObject *rates, int caus
   cfg->mode = (ra_mode)mode;
   cfg->scale = scale;
   cfg->world_size = world_size;
+  cfg->partition = (ra_partition)partition;
   return 0;
 }
 
@@ -55,28 +56,30 @@ static PyObject *plan_dict(const ra_plan *plan) {
     PyList_SET_ITEM(branches, i, b);
   }
   if (!branches) return NULL;
-  return Py_BuildValue("{sLsdsN}", "local_len", (long long)ra_plan_local_len(plan), "scale", cfg->scale,
-                       "branches", branches);
+  return Py_BuildValue("{sLsLsLsdsN}", "local_len", (long long)ra_plan_local_len(plan), "chunk_len",
+                       (long long)ra_plan_chunk_len(plan), "num_kv_heads", (long long)cfg->num_kv_heads, "scale",
+                       cfg->scale, "branches", branches);
 }
 
 static PyObject *py_plan(PyObject *self, PyObject *args, PyObject *kw) {
   (void)self;
   static char *names[] = {"batch",  "seq_len", "num_heads", "head_dim", "segment_lengths", "dilation_rates",
-                          "causal", "mode",    "scale",     "world_size", NULL};
-  long long b, n, h, d;
+                          "causal", "mode",    "scale",     "world_size", "num_kv_heads", "partition", NULL};
+  long long b, n, h, d, hkv = 0;
   PyObject *segs, *rates;
-  int causal, mode, world;
+  int causal, mode, world, partition = 0;
   double scale;
-  if (!PyArg_ParseTupleAndKeywords(args, kw, "LLLLOOpidi:plan", names, &b, &n, &h, &d, &segs, &rates, &causal,
-                                   &mode, &scale, &world))
+  if (!PyArg_ParseTupleAndKeywords(args, kw, "LLLLOOpidi|Li:plan", names, &b, &n, &h, &d, &segs, &rates, &causal,
+                                   &mode, &scale, &world, &hkv, &partition))
     return NULL;
   ra_config cfg;
   ra_config_init(&cfg);
   cfg.batch = b;
   cfg.seq_len = n;
   cfg.num_heads = h;
+  cfg.num_kv_heads = hkv;
   cfg.head_dim = d;
-  if (read_config(&cfg, segs, rates, causal, mode, scale, world)) return NULL;
+  if (read_config(&cfg, segs, rates, causal, mode, scale, world, partition)) return NULL;
   ra_plan *plan;
   ra_status st = ra_plan_create(&cfg, &plan);
   if (st != RA_OK) return ext_raise_status(st);
@@ -130,19 +133,21 @@ static int check_memory(const ext_tensor *t, const char *name, int writable, int
   return 0;
 }
 
-/* A (b, n, h, d) tensor with q's shape and dtype, the head dimension
+/* A (b, n, h, d) tensor with the shape of `like` (q, or k for v, dk and
+ * dv: grouped-query attention) and q's dtype, the head dimension
  * contiguous and non-negative strides. */
-static int check_bnhd(const ext_tensor *t, const char *name, const ext_tensor *q, int writable, int device,
-                      ra_tensor *out) {
+static int check_bnhd(const ext_tensor *t, const char *name, const ext_tensor *q, const ext_tensor *like,
+                      int writable, int device, ra_tensor *out) {
   if (t->ndim != 4) {
     PyErr_Format(PyExc_ValueError, "%s must have 4 dimensions (batch, seq, heads, head_dim), got %d", name,
                  t->ndim);
     return -1;
   }
-  if (memcmp(t->shape, q->shape, 4 * sizeof(int64_t))) {
-    PyErr_Format(PyExc_ValueError, "%s has shape (%lld, %lld, %lld, %lld) but q has (%lld, %lld, %lld, %lld); they must match",
+  if (memcmp(t->shape, like->shape, 4 * sizeof(int64_t))) {
+    PyErr_Format(PyExc_ValueError, "%s has shape (%lld, %lld, %lld, %lld) but %s has (%lld, %lld, %lld, %lld); they must match",
                  name, (long long)t->shape[0], (long long)t->shape[1], (long long)t->shape[2], (long long)t->shape[3],
-                 (long long)q->shape[0], (long long)q->shape[1], (long long)q->shape[2], (long long)q->shape[3]);
+                 like == q ? "q" : "k", (long long)like->shape[0], (long long)like->shape[1],
+                 (long long)like->shape[2], (long long)like->shape[3]);
     return -1;
   }
   if (t->dtype != q->dtype) {
@@ -195,9 +200,25 @@ static const char *const slot_names[NUM_SLOTS] = {"q", "k", "v", "o", "dout", "d
 typedef struct call_args {
   int backward;
   PyObject *obj[NUM_SLOTS], *lse, *segs, *rates, *kernel, *deterministic, *stream, *comm;
-  int device_type, causal, mode, world_size, num_threads, check_finite, device;
+  int device_type, causal, mode, world_size, num_threads, check_finite, device, partition;
   double scale;
 } call_args;
+
+/* k: q's batch, length and head dim, and key/value heads dividing q's. */
+static int check_kv_heads(const ext_tensor *k, const ext_tensor *q) {
+  if (k->ndim != 4) return 0; /* check_bnhd says so */
+  const int64_t h = q->shape[2], hkv = k->shape[2];
+  if (hkv < 1 || h % hkv != 0 || k->shape[0] != q->shape[0] || k->shape[1] != q->shape[1] ||
+      k->shape[3] != q->shape[3]) {
+    PyErr_Format(PyExc_ValueError,
+                 "k has shape (%lld, %lld, %lld, %lld) but must be (%lld, %lld, h_kv, %lld) with h_kv dividing the "
+                 "%lld heads of q (grouped-query attention)",
+                 (long long)k->shape[0], (long long)k->shape[1], (long long)hkv, (long long)k->shape[3],
+                 (long long)q->shape[0], (long long)q->shape[1], (long long)q->shape[3], (long long)h);
+    return -1;
+  }
+  return 0;
+}
 
 /* The tensors of the call, checked, into p; the Tensors in use are listed
  * in used[] (count in *n_used) so that run() can mark them busy. */
@@ -211,6 +232,7 @@ static int fill_tensors(const call_args *a, ra_bwd_params *p, ext_tensor **used,
     PyErr_Format(PyExc_ValueError, "q must have 4 dimensions (batch, seq, heads, head_dim), got %d", q->ndim);
     return -1;
   }
+  ext_tensor *k = NULL;
   for (int i = 0; i < count; i++) {
     ext_tensor *t = as_tensor(a->obj[i], slot_names[i], dev);
     if (!t) return -1;
@@ -222,7 +244,10 @@ static int fill_tensors(const call_args *a, ra_bwd_params *p, ext_tensor **used,
       name = slot_names[i];
     }
     const int writable = i >= DQ || (i == O && !a->backward);
-    if (check_bnhd(t, name, q, writable, a->device, slots[i])) return -1;
+    if (i == K && check_kv_heads(t, q)) return -1;
+    const ext_tensor *like = i == V || i == DK || i == DV ? k : i == K ? t : q;
+    if (check_bnhd(t, name, q, like, writable, a->device, slots[i])) return -1;
+    if (i == K) k = t;
     used[(*n_used)++] = t;
   }
   if (a->lse == Py_None) {
@@ -241,7 +266,8 @@ static int fill_tensors(const call_args *a, ra_bwd_params *p, ext_tensor **used,
 }
 
 /* Everything but the tensors: configuration and execution settings. */
-static int fill_settings(const call_args *a, const ext_tensor *q, ext_comm *comm, ra_bwd_params *p) {
+static int fill_settings(const call_args *a, const ext_tensor *q, const ext_tensor *k, ext_comm *comm,
+                         ra_bwd_params *p) {
   ra_fwd_params *f = &p->fwd;
   f->cfg.batch = q->shape[0];
   /* with comm, q is this rank's shard */
@@ -252,10 +278,11 @@ static int fill_settings(const call_args *a, const ext_tensor *q, ext_comm *comm
     return -1;
   }
   f->cfg.num_heads = q->shape[2];
+  f->cfg.num_kv_heads = k->shape[2];
   f->cfg.head_dim = q->shape[3];
   f->cfg.dtype = q->dtype->dtype;
   /* with comm, the core checks that world_size is the communicator's size */
-  if (read_config(&f->cfg, a->segs, a->rates, a->causal, a->mode, a->scale, a->world_size)) return -1;
+  if (read_config(&f->cfg, a->segs, a->rates, a->causal, a->mode, a->scale, a->world_size, a->partition)) return -1;
   f->device_type = (ra_device_type)a->device_type;
   f->comm = comm ? comm->comm : NULL;
   ra_exec *e = &f->exec; /* ra_exec_default() already: override what was given */
@@ -281,9 +308,11 @@ static int fill_settings(const call_args *a, const ext_tensor *q, ext_comm *comm
 static PyObject *stats_tuple(const ra_stats *s, int n) {
   PyObject *out = PyTuple_New(n);
   for (int i = 0; out && i < n; i++) {
-    PyObject *item = Py_BuildValue("{sLsLsLsLsL}", "peak_bytes", (long long)s[i].peak_bytes, "bytes_sent",
+    PyObject *item = Py_BuildValue("{sLsLsLsLsLsLsL}", "peak_bytes", (long long)s[i].peak_bytes, "bytes_sent",
                                    (long long)s[i].bytes_sent, "bytes_received", (long long)s[i].bytes_received,
-                                   "steps", (long long)s[i].steps, "steps_skipped", (long long)s[i].steps_skipped);
+                                   "steps", (long long)s[i].steps, "steps_skipped", (long long)s[i].steps_skipped,
+                                   "ring_buffer_bytes", (long long)s[i].ring_buffer_bytes, "pairs",
+                                   (long long)s[i].pairs);
     if (!item) {
       Py_CLEAR(out);
       break;
@@ -335,7 +364,7 @@ static PyObject *run_parsed(const call_args *a) {
   ext_tensor *used[NUM_SLOTS + 1];
   int n_used = 0, ranks = 0;
   ra_stats *stats = NULL;
-  if (fill_tensors(a, &p, used, &n_used) || fill_settings(a, used[0], comm, &p) || (ranks = ranks_here(&p)) < 0 ||
+  if (fill_tensors(a, &p, used, &n_used) || fill_settings(a, used[0], used[1], comm, &p) || (ranks = ranks_here(&p)) < 0 ||
       !(stats = PyMem_Calloc((size_t)ranks, sizeof *stats))) {
     if (!PyErr_Occurred()) PyErr_NoMemory();
     if (comm) ext_comm_refuse(comm, a->backward ? RA_OP_BACKWARD : RA_OP_FORWARD); /* the peers raise too */
@@ -353,18 +382,18 @@ static PyObject *py_run(PyObject *self, PyObject *args, PyObject *kw) {
   static char *names[] = {"backward", "q", "k", "v", "o", "lse", "device_type", "segment_lengths",
                           "dilation_rates", "causal", "mode", "scale", "world_size", "dout", "dq", "dk", "dv",
                           "num_threads", "check_finite", "kernel", "deterministic", "device", "stream", "comm",
-                          NULL};
+                          "partition", NULL};
   if (PyTuple_GET_SIZE(args)) return PyErr_Format(PyExc_TypeError, "run() takes keyword arguments only");
   call_args a;
   memset(&a, 0, sizeof a);
   a.obj[DOUT] = a.obj[DQ] = a.obj[DK] = a.obj[DV] = Py_None;
   a.kernel = a.deterministic = a.stream = a.comm = Py_None; /* stream None is 0, the legacy default */
   a.device = -1;
-  if (!PyArg_ParseTupleAndKeywords(args, kw, "pOOOOOiOOpidi|OOOOipOOiOO:run", names, &a.backward, &a.obj[Q],
+  if (!PyArg_ParseTupleAndKeywords(args, kw, "pOOOOOiOOpidi|OOOOipOOiOOi:run", names, &a.backward, &a.obj[Q],
                                    &a.obj[K], &a.obj[V], &a.obj[O], &a.lse, &a.device_type, &a.segs, &a.rates,
                                    &a.causal, &a.mode, &a.scale, &a.world_size, &a.obj[DOUT], &a.obj[DQ],
                                    &a.obj[DK], &a.obj[DV], &a.num_threads, &a.check_finite, &a.kernel,
-                                   &a.deterministic, &a.device, &a.stream, &a.comm))
+                                   &a.deterministic, &a.device, &a.stream, &a.comm, &a.partition))
     return NULL;
   return run_parsed(&a);
 }
@@ -372,12 +401,14 @@ static PyObject *py_run(PyObject *self, PyObject *args, PyObject *kw) {
 PyMethodDef ext_call_methods[] = {
     {"plan", (PyCFunction)(void (*)(void))py_plan, METH_VARARGS | METH_KEYWORDS,
      "plan(batch, seq_len, num_heads, head_dim, segment_lengths, dilation_rates, causal, mode,\n"
-     "     scale, world_size) -> {'local_len', 'scale', 'branches': [{segment, rate, span,\n"
+     "     scale, world_size, num_kv_heads=0, partition=0) -> {'local_len', 'chunk_len', 'num_kv_heads',\n"
+     "     'scale', 'branches': [{segment, rate, span,\n"
      "     head_begin, head_end}]}: validate a configuration and return its schedule."},
     {"run", (PyCFunction)(void (*)(void))py_run, METH_VARARGS | METH_KEYWORDS,
      "run(*, backward, q, k, v, o, lse, dout=None, dq=None, dk=None, dv=None, device_type,\n"
      "    segment_lengths, dilation_rates, causal, mode, scale, world_size, num_threads=0,\n"
-     "    check_finite=False, kernel=None, deterministic=None, device=-1, stream=0, comm=None)\n"
+     "    check_finite=False, kernel=None, deterministic=None, device=-1, stream=0, comm=None,\n"
+     "    partition=0)\n"
      "    -> tuple of per-rank stats dicts\n\n"
      "The forward (o, lse written) or the backward (dq, dk, dv written) on Tensors from intake(),\n"
      "over world_size ranks in this process or, with comm, as this rank of a communicator\n"

@@ -56,7 +56,7 @@ ext_comm *ext_comm_get(PyObject *capsule) {
  * operation `op`; the caller raises its own exception.  (On a broken
  * communicator it returns at once: nobody waits for a refusal there.) */
 static void agree_failure(ext_comm *c, ra_comm_op op, ra_status local, const char *message) {
-  const ra_agreement a = {op, local, message, NULL, ra_comm_device_type(c->comm), 0};
+  const ra_agreement a = {op, local, message, NULL, ra_comm_device_type(c->comm), 0, 0};
   c->busy++;
   Py_BEGIN_ALLOW_THREADS
   (void)ra_comm_agree_call(c->comm, &a);

@@ -82,7 +82,7 @@ static ra_config config(void) {
 
 static ra_status agree(fake *f, ra_comm_op op, ra_status local, const char *message, const ra_config *cfg,
                        uint64_t bytes) {
-  const ra_agreement a = {op, local, message, cfg, RA_DEVICE_CPU, bytes};
+  const ra_agreement a = {op, local, message, cfg, RA_DEVICE_CPU, bytes, 0};
   return ra_comm_agree_call(&f->comm, &a);
 }
 
