@@ -187,13 +187,7 @@ static inline vf exp2v(vf x) {
   __m512 t = _mm512_min_ps(_mm512_set1_ps(127.0f), _mm512_max_ps(_mm512_set1_ps(-125.0f), (__m512)x));
   __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   vf f = (vf)_mm512_sub_ps(t, n);
-  vf p = vfsplat(1.5403530393381606e-4f);
-  p = p * f + 1.3333558146428443e-3f;
-  p = p * f + 9.6181291076284772e-3f;
-  p = p * f + 5.5504108664821580e-2f;
-  p = p * f + 2.4022650695910071e-1f;
-  p = p * f + 6.9314718055994531e-1f;
-  p = p * f + 1.0f;
+  vf p = vfexp2_frac(f);
   return (vf)_mm512_scalef_ps((__m512)p, n);
 }
 #else

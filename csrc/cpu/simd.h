@@ -23,6 +23,21 @@ static inline v8sf vselect(v8si mask, v8sf a, v8sf b) {
   return (v8sf)(((v8si)a & mask) | ((v8si)b & ~mask));
 }
 
+/* 2^f for |f| <= 1/2 by its Taylor polynomial of degree 6 (relative error
+ * < 2e-7): the part of every exp2 below that the vector width does not
+ * change, so one definition serves each width. */
+#define RA_EXP2_FRAC(T, name, splat)          \
+  static inline T name(T f) {                 \
+    T p = splat(1.5403530393381606e-4f);      \
+    p = p * f + 1.3333558146428443e-3f;       \
+    p = p * f + 9.6181291076284772e-3f;       \
+    p = p * f + 5.5504108664821580e-2f;       \
+    p = p * f + 2.4022650695910071e-1f;       \
+    p = p * f + 6.9314718055994531e-1f;       \
+    return p * f + 1.0f;                      \
+  }
+RA_EXP2_FRAC(v8sf, v8exp2_frac, vsplat)
+
 /* 2^x elementwise: exactly 0 below 2^-125 (and for -inf), NaN stays NaN,
  * clamped at 2^127.  x = n + f with n an integer and |f| <= 1/2; 2^f by its
  * Taylor polynomial of degree 6 (relative error < 2e-7), 2^n by adding n to
@@ -34,13 +49,7 @@ static inline v8sf vexp2(v8sf x) {
   x = vselect(x > hi, hi, x);
   v8sf n = (x + magic) - magic; /* round to nearest integer */
   v8sf f = x - n;
-  v8sf p = vsplat(1.5403530393381606e-4f);
-  p = p * f + 1.3333558146428443e-3f;
-  p = p * f + 9.6181291076284772e-3f;
-  p = p * f + 5.5504108664821580e-2f;
-  p = p * f + 2.4022650695910071e-1f;
-  p = p * f + 6.9314718055994531e-1f;
-  p = p * f + 1.0f;
+  v8sf p = v8exp2_frac(f);
   v8si bits = (v8si)p + (__builtin_convertvector(n, v8si) << 23);
   return vselect(tiny, vsplat(0.0f), (v8sf)bits);
 }
@@ -72,6 +81,8 @@ static inline vf vfselect(vfi mask, vf a, vf b) {
   return (vf)(((vfi)a & mask) | ((vfi)b & ~mask));
 }
 
+RA_EXP2_FRAC(vf, vfexp2_frac, vfsplat)
+
 /* vexp2 at width VF (same polynomial, same edge cases). */
 static inline vf vfexp2(vf x) {
   const vf lo = vfsplat(-125.0f), hi = vfsplat(127.0f), magic = vfsplat(12582912.0f);
@@ -80,13 +91,7 @@ static inline vf vfexp2(vf x) {
   x = vfselect(x > hi, hi, x);
   vf n = (x + magic) - magic;
   vf f = x - n;
-  vf p = vfsplat(1.5403530393381606e-4f);
-  p = p * f + 1.3333558146428443e-3f;
-  p = p * f + 9.6181291076284772e-3f;
-  p = p * f + 5.5504108664821580e-2f;
-  p = p * f + 2.4022650695910071e-1f;
-  p = p * f + 6.9314718055994531e-1f;
-  p = p * f + 1.0f;
+  vf p = vfexp2_frac(f);
   vfi bits = (vfi)p + (__builtin_convertvector(n, vfi) << 23);
   return vfselect(tiny, vfsplat(0.0f), (vf)bits);
 }
@@ -103,13 +108,7 @@ static inline vf vfexp2_neg(vf x) {
   const __mmask16 keep = _mm512_cmp_ps_mask(v, _mm512_set1_ps(-125.0f), _CMP_NLT_UQ); /* NaN kept */
   const __m512 n = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const vf f = (vf)_mm512_sub_ps(v, n);
-  vf p = vfsplat(1.5403530393381606e-4f);
-  p = p * f + 1.3333558146428443e-3f;
-  p = p * f + 9.6181291076284772e-3f;
-  p = p * f + 5.5504108664821580e-2f;
-  p = p * f + 2.4022650695910071e-1f;
-  p = p * f + 6.9314718055994531e-1f;
-  p = p * f + 1.0f;
+  vf p = vfexp2_frac(f);
   return (vf)_mm512_maskz_scalef_ps(keep, (__m512)p, n);
 }
 #else
