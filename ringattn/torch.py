@@ -33,6 +33,7 @@ communicator (Communicator.from_torch).
 import threading
 from typing import List, Optional, Tuple
 
+import numpy as np
 import torch
 
 from . import _api
@@ -54,8 +55,24 @@ def _arg(t, name):
     return t
 
 
+# CPU tensors NumPy can view without a copy go to the core as NumPy arrays,
+# whose intake is the cheapest (a tiny call: ~60 us against ~120 over DLPack
+# with caller-allocated outputs); bfloat16 (no NumPy dtype without
+# ml_dtypes) and CUDA tensors go over DLPack.
+_NUMPY_VIEWABLE = (torch.float32, torch.float16, torch.float64)
+
+
+def _numpy_views(*tensors):
+    """NumPy views of detached CPU tensors, or None if one cannot be viewed."""
+    if all(t.device.type == "cpu" and t.dtype in _NUMPY_VIEWABLE for t in tensors):
+        return tuple(t.numpy() for t in tensors)
+    return None
+
+
 def _tensor(x):
-    return x if isinstance(x, torch.Tensor) else torch.from_dlpack(x)
+    if isinstance(x, torch.Tensor):
+        return x
+    return torch.from_numpy(x) if isinstance(x, np.ndarray) else torch.from_dlpack(x)
 
 
 def _outputs(*likes):
@@ -133,8 +150,12 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_lengt
     ring = _ring(segment_lengths, dilation_rates, causal, mode, scale, world_size, nan_policy, num_threads,
                  comm_id, device, partition)
     qn, kn, vn = (_arg(t, n) for t, n in ((q, "q"), (k, "k"), (v, "v")))
-    out = _outputs(qn)
-    o, lse = ring(qn, kn, vn, return_lse=True, out=None if out is None else out[0])
+    views = _numpy_views(qn, kn, vn)
+    if views is not None:
+        o, lse = ring(*views, return_lse=True)
+    else:
+        out = _outputs(qn)
+        o, lse = ring(qn, kn, vn, return_lse=True, out=None if out is None else out[0])
     return _tensor(o).contiguous(), _tensor(lse).contiguous()
 
 
@@ -156,7 +177,11 @@ def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Ten
                  comm_id, device, partition)
     saved = tuple(_arg(t, n) for t, n in ((q, "q"), (k, "k"), (v, "v"), (o, "o"), (lse, "lse")))
     g = _arg(grad_out, "grad_output")
-    dq, dk, dv = ring._backward(saved, g, grads=_outputs(*saved[:3]))  # dk, dv: k's h_kv heads
+    views = _numpy_views(*saved, g)
+    if views is not None:
+        dq, dk, dv = ring._backward(views[:5], views[5])
+    else:
+        dq, dk, dv = ring._backward(saved, g, grads=_outputs(*saved[:3]))  # dk, dv: k's h_kv heads
     return _tensor(dq).contiguous(), _tensor(dk).contiguous(), _tensor(dv).contiguous()
 
 
