@@ -99,13 +99,19 @@ static void sub_geometry(sub_ring *w, int64_t most, int64_t want) {
  * outside the sub-block empty.  Its elements, -1 if the whole block does
  * not fit an int64_t. */
 static int64_t sub_layout(const rank_ctx *r, sub_ring *w, int i, int64_t x, int64_t j) {
-  const int64_t d = r->cfg->head_dim;
-  const int64_t e0 = w->chunks == 1 ? j * w->per : j / w->chunks;
-  const int64_t e1 = w->chunks == 1 ? e0 + w->per : e0 + 1, first = w->chunks == 1 ? 0 : j % w->chunks * w->rows;
+  const int64_t d = r->cfg->head_dim, np = w->g->npieces, ns = w->entries / np;
+  const int64_t o0 = w->chunks == 1 ? j * w->per : j / w->chunks;
+  const int64_t o1 = w->chunks == 1 ? o0 + w->per : o0 + 1, first = w->chunks == 1 ? 0 : j % w->chunks * w->rows;
   int64_t *at = w->at[i], *count = w->count[i], *pos0 = w->pos0[i], per_batch = 0;
   if (group_layout(r, w->g, x, at, count, pos0) < 0) return -1;
   for (int64_t e = 0; e < w->entries; e++) { /* below the whole block's sizes: no wrap */
-    const int64_t left = e < e0 || e >= e1 ? 0 : count[e] - first;
+    /* Sub-blocks take entries in stream order o: a slot's pieces together
+     * (the layout, e, is piece-major).  Every sub-block then holds the same
+     * share of each piece, so each step's work stays balanced across ranks
+     * sub-block by sub-block as it is block by block (zigzag: a block's two
+     * chunks cost different ranks different work). */
+    const int64_t o = (e % ns) * np + e / ns;
+    const int64_t left = o < o0 || o >= o1 ? 0 : count[e] - first;
     const int64_t n = left <= 0 ? 0 : left < w->rows ? left : w->rows;
     if (n > 0) pos0[e] += first * w->rate;
     at[e] = per_batch;
