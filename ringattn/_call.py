@@ -107,10 +107,9 @@ class _Call:
         for name in copies:  # NumPy layouts the core cannot read: copied once
             self._replace(name, check.copy_for_core(self.tensors[name]))
         q = self.tensors["q"]
-        if on == "cuda":
-            check.plan_rules(cfg, q.shape, 1 if comm is None else comm.world_size, self.tensors["k"].shape[2])
         device = -1
-        if on == "cuda":
+        if on == "cuda":  # on the CPU _ext.run applies the plan's rules
+            check.plan_rules(cfg, q.shape, 1 if comm is None else comm.world_size, self.tensors["k"].shape[2])
             _arrays.require_gpu()
             check.device_memory(self.tensors)
             device = check.one_device(self.tensors, requested)

@@ -110,10 +110,13 @@ def positive_int(value, name):
     return int(value)
 
 
+CORES = os.cpu_count() or 1  # read once: os.cpu_count() reads /sys on every call
+
+
 def max_threads():
     """The most CPU threads a call may use: 4 x the cores (os.cpu_count()).
     The core clamps to the same bound (csrc/core/settings.c)."""
-    return 4 * (os.cpu_count() or 1)
+    return 4 * CORES
 
 
 def num_threads(value):
@@ -124,7 +127,7 @@ def num_threads(value):
         return 0
     n = positive_int(value, "num_threads")
     if n > max_threads():
-        raise ValueError(f"num_threads must be at most {max_threads()} (4 x the {os.cpu_count() or 1} cores of "
+        raise ValueError(f"num_threads must be at most {max_threads()} (4 x the {CORES} cores of "
                          f"this machine), got {n}")
     return n
 
