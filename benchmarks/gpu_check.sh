@@ -37,42 +37,13 @@ finish() {
 }
 
 say "repo $REPO, python $PY ($("$PY" -c 'import sys; print(sys.version.split()[0])' 2>&1)), out $OUT"
-command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 \
-  | sed 's/^/  gpu: /' | tee -a "$OUT/summary.txt"
+gpu_info
 command -v nvcc >/dev/null && say "nvcc: $(nvcc --version | tail -1)"
 
 # ------------------------------------------------------------------ build
-if "$PY" -c "import mesonbuild" 2>/dev/null; then
-  MESON=("$PY" -m mesonbuild.mesonmain)
-elif command -v meson >/dev/null; then
-  MESON=(meson)
-else
-  say "FAIL: meson not found (neither '$PY -m mesonbuild' nor 'meson')"
-  finish 1
-fi
+find_meson || finish 1
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
-  # meson's python module builds the extensions for the Python meson runs
-  # under unless a native file names one: name $PY, whatever runs meson.
-  mkdir -p "$BUILD"
-  NATIVE="$BUILD/python-native.ini"
-  printf "[binaries]\npython = '%s'\n" "$PY" >"$NATIVE"
-  say "build: ${MESON[*]} setup $BUILD -Dcuda=${RINGATTN_CUDA:-enabled}"
-  {
-    if [ -f "$BUILD/build.ninja" ]; then
-      "${MESON[@]}" setup --reconfigure "$BUILD" -Dbuildtype=release \
-        -Dcuda="${RINGATTN_CUDA:-enabled}" -Dtests=true
-    else
-      "${MESON[@]}" setup "$BUILD" --native-file "$NATIVE" -Dbuildtype=release \
-        -Dcuda="${RINGATTN_CUDA:-enabled}" -Dtests=true
-    fi && "${MESON[@]}" compile -C "$BUILD"
-  } >"$OUT/build.log" 2>&1
-  rc=$?
-  if [ $rc -ne 0 ]; then
-    tail -40 "$OUT/build.log"
-    say "FAIL: build (exit $rc); see build.log"
-    finish 1
-  fi
-  say "build OK ($(grep -c 'Compiling\|Linking' "$OUT/build.log" 2>/dev/null || echo '?') steps)"
+  build_gpu true || finish 1
 fi
 
 # stage: the package's .py files and the built extension, importable from $STAGE

@@ -37,38 +37,12 @@ say() { echo "[nccl_check +$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/summary.
 left() { local s=$(( ${NCCL_CHECK_BUDGET:-270} - ($(date +%s) - T0) - 10 )); echo $(( s < 5 ? 5 : s )); }
 
 say "repo $REPO, python $PY, out $OUT"
-command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 \
-  | sed 's/^/  gpu: /' | tee -a "$OUT/summary.txt"
+gpu_info
 "$PY" -m pip show nvidia-nccl-cu13 nvidia-nccl-cu12 torch 2>/dev/null | grep -E '^(Name|Version)' \
   | paste - - | sed 's/^/  /' | tee -a "$OUT/summary.txt"
 
 if [ "${DRY_RUN:-0}" != 1 ] && [ "${SKIP_BUILD:-0}" != 1 ]; then
-  if "$PY" -c "import mesonbuild" 2>/dev/null; then
-    MESON=("$PY" -m mesonbuild.mesonmain)
-  elif command -v meson >/dev/null; then
-    MESON=(meson)
-  else
-    say "FAIL: meson not found (neither '$PY -m mesonbuild' nor 'meson')"
-    exit 1
-  fi
-  mkdir -p "$BUILD"
-  NATIVE="$BUILD/python-native.ini"
-  printf "[binaries]\npython = '%s'\n" "$PY" >"$NATIVE"
-  say "build: ${MESON[*]} setup $BUILD -Dcuda=enabled"
-  {
-    if [ -f "$BUILD/build.ninja" ]; then
-      "${MESON[@]}" setup --reconfigure "$BUILD" -Dbuildtype=release -Dcuda=enabled
-    else
-      "${MESON[@]}" setup "$BUILD" --native-file "$NATIVE" -Dbuildtype=release -Dcuda=enabled -Dtests=false
-    fi && timeout "$(left)" "${MESON[@]}" compile -C "$BUILD"
-  } >"$OUT/build.log" 2>&1
-  rc=$?
-  if [ $rc -ne 0 ]; then
-    tail -30 "$OUT/build.log"
-    say "FAIL: build (exit $rc); see build.log"
-    exit 1
-  fi
-  say "build OK"
+  build_gpu false "$(left)" || exit 1
   stage_ringattn "$BUILD" "$STAGE" || exit 1
   report_import "$OUT" "$STAGE"
 fi
